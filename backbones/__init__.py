@@ -1,0 +1,30 @@
+"""ResNet backbones, FPN and pretrained-weight loading.
+
+    from backbones import resnet50, FPN
+    body = resnet50(weights="torchvision/resnet50.imagenet1k_v2")   # FrozenBN, freeze_at=2
+    fpn = FPN(body, out_channels=256)                                # p2..p6
+"""
+
+from .base import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Backbone
+from .fpn import FPN, LastLevelMaxPool, LastLevelP6P7
+from .norm import fold_conv_norm, freeze_batchnorm, get_norm
+from .resnet import (
+    ARCHS,
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+    build_backbone,
+    fold_frozen_batchnorm,
+    list_backbones,
+    make_stage,
+    register_backbone,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+    resnet152,
+    resnext50_32x4d,
+    resnext101_32x8d,
+    wide_resnet50_2,
+)
+from .shape_spec import ShapeSpec

@@ -1,0 +1,77 @@
+"""Normalization layers by name, and folding of frozen BatchNorm into convolutions."""
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+NORMS = ("BN", "FrozenBN", "SyncBN", "GN", "none")
+
+
+def get_norm(norm: str, channels: int, *, gn_groups: int = 32) -> nn.Module:
+    """A normalization layer for ``channels`` channels by name: one of ``NORMS``."""
+    if norm == "BN":
+        return nn.BatchNorm2d(channels)
+    if norm == "FrozenBN":
+        return FrozenBatchNorm2d(channels)
+    if norm == "SyncBN":
+        return nn.SyncBatchNorm(channels)
+    if norm == "GN":
+        return nn.GroupNorm(gn_groups, channels)
+    if norm in ("none", "", None):
+        return nn.Identity()
+    raise ValueError(f"unknown norm {norm!r}; valid norms are {', '.join(NORMS)}")
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d / SyncBatchNorm in ``module`` by a FrozenBatchNorm2d
+    carrying the same affine parameters and running statistics. Returns the module
+    (a new one when ``module`` itself is a BatchNorm)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+        if module.affine:
+            frozen.weight.copy_(module.weight.detach())
+            frozen.bias.copy_(module.bias.detach())
+        if module.track_running_stats:
+            frozen.running_mean.copy_(module.running_mean)
+            frozen.running_var.copy_(module.running_var)
+        return frozen
+    for name, child in module.named_children():
+        new_child = freeze_batchnorm(child)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
+
+
+def _affine_of(norm: nn.Module) -> Optional[tuple]:
+    """(scale, shift) of a per-channel affine norm layer at inference, or None."""
+    if isinstance(norm, FrozenBatchNorm2d):
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+        return scale, norm.bias - norm.running_mean * scale
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm) and not norm.training:
+        if norm.running_var is None:
+            return None
+        w = norm.weight if norm.affine else torch.ones_like(norm.running_var)
+        b = norm.bias if norm.affine else torch.zeros_like(norm.running_var)
+        scale = w * (norm.running_var + norm.eps).rsqrt()
+        return scale, b - norm.running_mean * scale
+    return None
+
+
+@torch.no_grad()
+def fold_conv_norm(conv: nn.Conv2d, norm: nn.Module) -> Optional[nn.Conv2d]:
+    """A new Conv2d equal to ``norm(conv(x))``, or None when ``norm`` cannot be folded."""
+    affine = _affine_of(norm)
+    if affine is None:
+        return None
+    scale, shift = affine
+    fused = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+        padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+        padding_mode=conv.padding_mode,
+    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
+    fused.bias.copy_(bias * scale + shift)
+    return fused

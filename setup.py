@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="resnet-detkit",
+    version="0.1.0",
+    description="ResNet backbones, FPN, Faster R-CNN / Mask R-CNN and segmentation heads, "
+    "with COCO training and evaluation tools",
+    packages=find_packages(include=["backbones*", "detection*", "segmentation*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1,<=2.14.1",
+        "torchvision>=0.16,<=0.29.1",
+        "numpy",
+        "pillow",
+        "pycocotools>=2.0.6",
+        "albumentations>=1.4",
+        "fvcore>=0.1.5",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "matplotlib",
+        "safetensors",
+    ],
+    extras_require={"dev": ["pytest>=7", "ruff"]},
+)
