@@ -1,8 +1,9 @@
 """Converters from other projects' ResNet parameter names to ours (see ``backbones.resnet``)."""
 
 import re
-from typing import Dict, Mapping
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 
 StateDict = Dict[str, torch.Tensor]
@@ -40,4 +41,151 @@ def detectron2_resnet_to_ours(state_dict: Mapping[str, torch.Tensor]) -> StateDi
         new = re.sub(r"\.conv2_offset\.", ".conv2.offset.", new)
         new = re.sub(r"^linear\.", "fc.", new)
         out[new] = value
+    return out
+
+
+# MSRA / Detectron (Caffe2) ResNet blob names. Norms are affine only: ``_bn_s`` (scale) and
+# ``_bn_b`` (bias), the statistics folded in; some files also carry ``_bn_rm`` / ``_bn_riv``,
+# which detectron2 reads as running mean and running variance.
+_C2_NORM_SUFFIX = {"s": "weight", "b": "bias", "rm": "running_mean", "riv": "running_var"}
+_C2_BRANCH2 = {"a": "1", "b": "2", "c": "3"}
+_C2_HEADS = ("pred", "fc1000")
+
+
+def _caffe2_name(key: str) -> str:
+    """One Caffe2 blob name -> ours; names it does not know come back unchanged."""
+    if key in ("conv1_w", "conv1_b"):
+        return "stem.conv1." + ("weight" if key.endswith("_w") else "bias")
+    m = re.fullmatch(r"res_conv1_bn_(s|b|rm|riv)", key)
+    if m:
+        return "stem.bn1." + _C2_NORM_SUFFIX[m.group(1)]
+    m = re.fullmatch(r"(pred|fc1000)_(w|b)", key)
+    if m:
+        return "fc." + ("weight" if m.group(2) == "w" else "bias")
+    m = re.fullmatch(r"res(\d)_(\d+)_branch(1|2a|2b|2c)_(w|b|bn_s|bn_b|bn_rm|bn_riv)", key)
+    if not m:
+        return key
+    stage, index, branch, kind = m.groups()
+    block = f"res{stage}.{index}"
+    if kind in ("w", "b"):
+        param = "weight" if kind == "w" else "bias"
+        conv = "downsample.0" if branch == "1" else f"conv{_C2_BRANCH2[branch[1]]}"
+        return f"{block}.{conv}.{param}"
+    param = _C2_NORM_SUFFIX[kind[3:]]
+    norm = "downsample.1" if branch == "1" else f"bn{_C2_BRANCH2[branch[1]]}"
+    return f"{block}.{norm}.{param}"
+
+
+def caffe2_resnet_to_ours(
+    blobs: Mapping[str, torch.Tensor], *, eps: float = 1e-5
+) -> StateDict:
+    """MSRA / Detectron Caffe2 blob names (the ``R-50.pkl`` ImageNet files) -> ours.
+
+    ``conv1_w`` -> ``stem.conv1.weight``; ``res_conv1_bn_s``/``_b`` -> ``stem.bn1.weight``/
+    ``bias``; ``resK_I_branch1_w`` -> ``resK.I.downsample.0.weight`` and its ``_bn_s``/``_b``
+    -> ``downsample.1``; ``branch2a``/``2b``/``2c`` -> ``conv1``/``conv2``/``conv3`` and
+    ``bn1``/``bn2``/``bn3``; ``pred_w``/``pred_b`` -> ``fc``. ``*_momentum`` blobs are dropped.
+
+    The files' norms are affine only (``y = s * x + b``). A FrozenBatchNorm2d or BatchNorm2d
+    computes ``w * (x - mean) / sqrt(var + eps) + b``, so each norm without statistics gets
+    ``running_mean = 0`` and ``running_var = 1 - eps`` (``eps`` of our norms, 1e-5 for both
+    torchvision's FrozenBatchNorm2d and BatchNorm2d): the norm is then exactly ``s * x + b``.
+    """
+    out: StateDict = {}
+    for key, value in blobs.items():
+        if key.endswith("_momentum"):
+            continue
+        out[_caffe2_name(key)] = value
+    norms = {k[: -len(".weight")] for k in out if re.search(r"(\.bn\d|downsample\.1)\.weight$", k)}
+    for norm in sorted(norms):
+        scale = out[f"{norm}.weight"]
+        if f"{norm}.running_mean" not in out:
+            out[f"{norm}.running_mean"] = torch.zeros_like(scale)
+        if f"{norm}.running_var" not in out:
+            out[f"{norm}.running_var"] = torch.full_like(scale, 1.0 - eps)
+    return out
+
+
+# timm ResNet features that our ResNet does not implement: (key pattern, what it is).
+_TIMM_UNSUPPORTED = (
+    (r"^conv1\.\d+\.", "a deep stem (ResNet-C/D, three 3x3 convs)"),
+    (r"\.downsample\.2\.", "an average-pool shortcut (ResNet-D 'avg_down')"),
+    (r"\.(se|attn)\.", "squeeze-excitation / attention modules"),
+)
+
+
+def timm_resnet_to_ours(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """timm ``ResNet`` names -> ours.
+
+    timm's plain ResNets (``resnet50.a1_in1k``, ``resnet50.tv_in1k`` ...) use torchvision's
+    names (``conv1``, ``bn1``, ``layer1..4``, ``downsample.0/1``, ``fc``). Variants with a deep
+    stem, an average-pool shortcut or attention modules have no counterpart here: refused with
+    a ValueError naming the first such key.
+    """
+    for key in state_dict:
+        for pattern, what in _TIMM_UNSUPPORTED:
+            if re.search(pattern, key):
+                raise ValueError(
+                    f"timm checkpoint key {key!r} belongs to {what}, which this ResNet does "
+                    "not implement; use a plain timm ResNet (e.g. resnet50.a1_in1k)"
+                )
+    return torchvision_resnet_to_ours(state_dict)
+
+
+# Key formats ``detect_format`` tells apart, and their converters.
+FORMATS = ("caffe2", "detectron2", "torchvision", "timm", "ours")
+
+
+def detect_format(keys: Iterable[str]) -> str:
+    """Which naming a ResNet state dict uses, from its keys: "caffe2" (MSRA ``.pkl``),
+    "detectron2", "torchvision" (also timm's plain ResNets) or "ours". Raises ValueError
+    when none fits, showing a few keys."""
+    keys = list(keys)
+    key_set = set(keys)
+    if "conv1_w" in key_set or "res_conv1_bn_s" in key_set or any(
+        re.match(r"res\d_\d+_branch", k) for k in keys
+    ):
+        return "caffe2"
+    if any(k.startswith("stem.conv1.norm.") or ".shortcut." in k or ".conv1.norm." in k
+           for k in keys):
+        return "detectron2"
+    if "stem.bn1.weight" in key_set or any(re.match(r"res[2-5]\.\d+\.", k) for k in keys):
+        return "ours"
+    if "conv1.weight" in key_set or "conv1.0.weight" in key_set or any(
+        k.startswith("layer1.") for k in keys
+    ):
+        return "torchvision"
+    raise ValueError(
+        "cannot tell the parameter naming of this checkpoint (not torchvision/timm, detectron2, "
+        f"MSRA Caffe2 or ours); first keys: {keys[:5]}"
+    )
+
+
+def convert_to_ours(
+    state_dict: Mapping[str, torch.Tensor], source: Optional[str] = None
+) -> Tuple[StateDict, str]:
+    """Convert ``state_dict`` from ``source`` naming (one of ``FORMATS``; detected from the
+    keys when None) to ours. Returns the converted dict and the format used."""
+    fmt = detect_format(state_dict) if source is None else source
+    converters = {
+        "caffe2": caffe2_resnet_to_ours,
+        "detectron2": detectron2_resnet_to_ours,
+        "torchvision": torchvision_resnet_to_ours,
+        "timm": timm_resnet_to_ours,
+        "ours": dict,
+    }
+    if fmt not in converters:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    return converters[fmt](state_dict), fmt
+
+
+def to_tensors(values: Mapping[str, Any]) -> StateDict:
+    """A name -> array mapping (numpy arrays or scalars, tensors) as a name -> tensor dict.
+    Entries that are not numeric arrays (strings, nested dicts) are left out."""
+    out: StateDict = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value
+        elif isinstance(value, (np.ndarray, np.generic)) and value.dtype.kind in "biuf":
+            out[key] = torch.from_numpy(np.array(value, copy=True))
     return out
