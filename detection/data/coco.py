@@ -1,0 +1,216 @@
+"""COCO-format json -> per-image records (the dataset format every other part reads).
+
+A record is a plain dict::
+
+    {
+        "file_name": str,            # absolute path of the image
+        "height": int, "width": int, # image size from the json
+        "image_id": int,             # the json's image id
+        "annotations": [             # may be empty (kept for evaluation)
+            {
+                "bbox": [x0, y0, x1, y1],   # float, xyxy in image pixels (from COCO xywh)
+                "category_id": int,          # contiguous 0..K-1
+                "segmentation": ...,         # polygons (list of lists) or RLE dict, as in json
+                "iscrowd": 0 or 1,
+                "area": float, "id": int,    # copied from the json when present
+            },
+        ],
+    }
+
+Metadata is a dict: ``thing_classes`` (names in contiguous order), ``thing_dataset_id_to_contiguous_id``,
+``contiguous_id_to_dataset_id`` (list), ``json_file``, ``image_root``, ``evaluator_type`` and
+``load_stats`` (what was skipped or clipped, counted).
+
+Categories are ordered by their dataset id, so ids 3, 7, 42 become 0, 1, 2.
+
+Annotations that cannot be used are handled like this (counts in ``load_stats``, one warning
+each kind):
+
+- category id not among the json's categories: skipped and counted (``unknown_category="skip"``,
+  the default) or an error naming the annotation id (``unknown_category="error"``);
+- box of zero or negative width/height, or not finite, or missing: skipped and counted;
+- box partly outside the image: clipped to it (counted as ``clipped``);
+- box entirely outside the image: skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from typing import Any
+
+__all__ = [
+    "CocoFormatError",
+    "filter_images_without_annotations",
+    "load_coco_json",
+    "metadata_from_categories",
+    "read_coco_json",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class CocoFormatError(ValueError):
+    """A COCO json that cannot be read. The message names the file."""
+
+
+def read_coco_json(json_file: str | os.PathLike) -> dict:
+    """Parse a COCO json; errors name the file (and the line/column of a syntax error)."""
+    json_file = os.fspath(json_file)
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError as e:
+        raise CocoFormatError(f"COCO json not found: {json_file}") from e
+    except json.JSONDecodeError as e:
+        raise CocoFormatError(
+            f"Malformed JSON in {json_file}: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from e
+    except UnicodeDecodeError as e:
+        raise CocoFormatError(f"COCO json {json_file} is not UTF-8 text: {e}") from e
+    if not isinstance(data, dict) or "images" not in data:
+        raise CocoFormatError(f"{json_file} is not a COCO json: no top-level 'images' list")
+    return data
+
+
+def metadata_from_categories(categories: list[dict]) -> dict[str, Any]:
+    """thing_classes and the id maps from a COCO ``categories`` list (ordered by id)."""
+    cats = sorted(categories, key=lambda c: c["id"])
+    ids = [int(c["id"]) for c in cats]
+    if len(set(ids)) != len(ids):
+        dup = [i for i, n in Counter(ids).items() if n > 1]
+        raise CocoFormatError(f"Duplicate category ids {dup}")
+    return {
+        "thing_classes": [str(c.get("name", c["id"])) for c in cats],
+        "thing_dataset_id_to_contiguous_id": {d: i for i, d in enumerate(ids)},
+        "contiguous_id_to_dataset_id": ids,
+    }
+
+
+def _convert_box(
+    bbox: Any, width: int, height: int
+) -> tuple[list[float] | None, str | None]:
+    """COCO xywh -> clipped xyxy, or (None, reason) for a box to skip."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return None, "invalid_box"
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return None, "invalid_box"
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        return None, "invalid_box"
+    if w <= 0 or h <= 0:
+        return None, "degenerate_box"
+    x0, y0, x1, y1 = x, y, x + w, y + h
+    c0, c1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
+    d0, d1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
+    if c1 - c0 <= 0 or d1 - d0 <= 0:
+        return None, "outside_image"
+    reason = "clipped" if (c0, d0, c1, d1) != (x0, y0, x1, y1) else None
+    return [c0, d0, c1, d1], reason
+
+
+def load_coco_json(
+    json_file: str | os.PathLike,
+    image_root: str | os.PathLike,
+    dataset_name: str | None = None,
+    *,
+    unknown_category: str = "skip",
+) -> tuple[list[dict], dict[str, Any]]:
+    """Load a COCO instances (or image-info) json into records and metadata; see module doc."""
+    if unknown_category not in ("skip", "error"):
+        raise ValueError(f"unknown_category must be 'skip' or 'error', got {unknown_category!r}")
+    json_file = os.path.abspath(os.fspath(json_file))
+    image_root = os.path.abspath(os.fspath(image_root))
+    data = read_coco_json(json_file)
+    try:
+        meta = metadata_from_categories(data.get("categories", []))
+    except CocoFormatError as e:
+        raise CocoFormatError(f"{json_file}: {e}") from e
+    id_map = meta["thing_dataset_id_to_contiguous_id"]
+
+    records: dict[int, dict] = {}
+    for img in data["images"]:
+        try:
+            image_id = int(img["id"])
+            file_name = img["file_name"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CocoFormatError(f"{json_file}: image entry without id/file_name: {img!r}") from e
+        if image_id in records:
+            raise CocoFormatError(f"{json_file}: duplicate image id {image_id}")
+        records[image_id] = {
+            "file_name": os.path.join(image_root, file_name),
+            "height": int(img["height"]) if "height" in img else None,
+            "width": int(img["width"]) if "width" in img else None,
+            "image_id": image_id,
+            "annotations": [],
+        }
+
+    stats: Counter[str] = Counter()
+    examples: dict[str, list] = {}
+    for ann in data.get("annotations", []):
+        ann_id = ann.get("id")
+        rec = records.get(ann.get("image_id"))
+        if rec is None:
+            stats["unknown_image"] += 1
+            examples.setdefault("unknown_image", []).append(ann_id)
+            continue
+        cat = ann.get("category_id")
+        if cat not in id_map:
+            if unknown_category == "error":
+                raise CocoFormatError(
+                    f"{json_file}: annotation id {ann_id} has category_id {cat!r}, "
+                    f"not among the categories {sorted(id_map)}"
+                )
+            stats["unknown_category"] += 1
+            examples.setdefault("unknown_category", []).append(ann_id)
+            continue
+        width, height = rec["width"], rec["height"]
+        if width is None or height is None:
+            raise CocoFormatError(f"{json_file}: image {rec['image_id']} has no width/height")
+        box, reason = _convert_box(ann.get("bbox"), width, height)
+        if reason is not None:
+            stats[reason] += 1
+            examples.setdefault(reason, []).append(ann_id)
+        if box is None:
+            continue
+        out = {
+            "bbox": box,
+            "category_id": id_map[cat],
+            "iscrowd": int(ann.get("iscrowd", 0)),
+        }
+        if "segmentation" in ann:
+            out["segmentation"] = ann["segmentation"]
+        if "area" in ann:
+            out["area"] = float(ann["area"])
+        if ann_id is not None:
+            out["id"] = ann_id
+        rec["annotations"].append(out)
+
+    name = dataset_name or os.path.basename(json_file)
+    for reason, n in sorted(stats.items()):
+        action = "clipped to the image" if reason == "clipped" else "skipped"
+        logger.warning(
+            "%s: %d annotation(s) %s (%s); first ids: %s",
+            name, n, action, reason, examples[reason][:5],
+        )
+    meta.update(
+        json_file=json_file,
+        image_root=image_root,
+        evaluator_type="coco",
+        load_stats=dict(stats),
+    )
+    if dataset_name is not None:
+        meta["name"] = dataset_name
+    return list(records.values()), meta
+
+
+def filter_images_without_annotations(records: list[dict]) -> list[dict]:
+    """Keep the records that have at least one non-crowd annotation (for training)."""
+    kept = [r for r in records if any(a.get("iscrowd", 0) == 0 for a in r["annotations"])]
+    if len(kept) < len(records):
+        logger.info("Removed %d images without usable annotations", len(records) - len(kept))
+    return kept
