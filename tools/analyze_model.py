@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Print parameters and FLOPs (fvcore; one multiply-add = one FLOP) per stage.
+
+    python tools/analyze_model.py resnet50                       # classifier, 224x224
+    python tools/analyze_model.py resnet50 --style caffe         # the paper's layout
+    python tools/analyze_model.py resnet50 --fpn --size 800 1216 # R50-FPN backbone
+    python tools/analyze_model.py --config faster_rcnn_r50_fpn.yaml --size 800 1088
+"""
+
+import argparse
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
+
+from backbones import FPN  # noqa: E402, build_backbone, list_backbones
+from backbones.analysis import format_table, part_table
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", nargs="?", help=f"backbone: {', '.join(list_backbones())}")
+    parser.add_argument("--config", help="a detector config (name inside configs/ or path)")
+    parser.add_argument("--size", nargs=2, type=int, default=None, metavar=("H", "W"),
+                        help="input size (default 224 224, or 800 1088 with --config)")
+    parser.add_argument("--style", choices=["pytorch", "caffe"], default=None)
+    parser.add_argument("--fpn", action="store_true", help="wrap the backbone in an FPN")
+    parser.add_argument("--no-head", action="store_true", help="no classification head")
+    parser.add_argument("--all-ops", action="store_true",
+                        help="count norms, pooling and upsampling too (fvcore's default)")
+    parser.add_argument("--opts", nargs="*", default=[], help="config KEY VALUE overrides")
+    args = parser.parse_args(argv)
+
+    if args.config:
+        from detection.config import load_config
+        from detection.modeling import build_model
+
+        cfg = load_config(args.config, list(args.opts) + ["MODEL.WEIGHTS", ""])
+        model = build_model(cfg).eval()
+        size = tuple(args.size or (800, 1088))
+        rows = part_table(model.backbone, size, depth=1, macs_only=not args.all_ops)
+        print(format_table(rows, f"{args.config} backbone at {size[0]}x{size[1]}"))
+        return 0
+    if not args.name:
+        parser.error("give a backbone name or --config")
+    size = tuple(args.size or (224, 224))
+    kwargs = {} if args.style is None else {"style": args.style}
+    if args.fpn:
+        model = FPN(build_backbone(args.name, **kwargs))
+        parts = ["bottom_up." + s for s in model.bottom_up.stage_names]
+        parts = ["bottom_up.stem"] + parts + ["lateral_convs", "output_convs"]
+    else:
+        num_classes = 0 if args.no_head else 1000
+        model = build_backbone(args.name, num_classes=num_classes, **kwargs)
+        parts = ["stem"] + list(model.stage_names) + (["fc"] if num_classes else [])
+    rows = part_table(model, size, parts=parts, macs_only=not args.all_ops)
+    style = args.style or "pytorch"
+    print(format_table(rows, f"{args.name}{'-FPN' if args.fpn else ''} ({style} style) "
+                             f"at {size[0]}x{size[1]}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
