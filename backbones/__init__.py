@@ -7,14 +7,19 @@
 
 from .base import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Backbone
 from .fpn import FPN, LastLevelMaxPool, LastLevelP6P7
-from .norm import fold_conv_norm, freeze_batchnorm, get_norm
+from .norm import (
+    fold_conv_norm,
+    fold_frozen_batchnorm,
+    freeze_batchnorm,
+    get_norm,
+    prepare_for_inference,
+)
 from .resnet import (
     ARCHS,
     BasicBlock,
     Bottleneck,
     ResNet,
     build_backbone,
-    fold_frozen_batchnorm,
     list_backbones,
     make_stage,
     register_backbone,

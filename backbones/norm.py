@@ -75,3 +75,43 @@ def fold_conv_norm(conv: nn.Conv2d, norm: nn.Module) -> Optional[nn.Conv2d]:
     bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
     fused.bias.copy_(bias * scale + shift)
     return fused
+
+
+# (conv, norm) attribute pairs that our modules use: ResNet blocks and stem, FPN's ConvNorm.
+_CONV_NORM_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), ("conv", "norm"))
+
+
+@torch.no_grad()
+def fold_frozen_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every (Conv2d, FrozenBN or eval-mode BN) pair of our blocks, stem, FPN convs and
+    shortcuts into one biased Conv2d, in place, for inference. Returns the model.
+
+    Folding is exact algebra; in float32 the results differ from the unfolded model only by
+    round-off. Do not train a folded model with BatchNorm semantics: the norms are gone.
+    """
+    for module in list(model.modules()):
+        for conv_name, norm_name in _CONV_NORM_PAIRS:
+            conv, norm = getattr(module, conv_name, None), getattr(module, norm_name, None)
+            if type(conv) is nn.Conv2d and isinstance(norm, nn.Module):
+                fused = fold_conv_norm(conv, norm)
+                if fused is not None:
+                    setattr(module, conv_name, fused)
+                    setattr(module, norm_name, nn.Identity())
+        if isinstance(module, nn.Sequential) and len(module) >= 2:
+            for i in range(len(module) - 1):
+                if type(module[i]) is nn.Conv2d:
+                    fused = fold_conv_norm(module[i], module[i + 1])
+                    if fused is not None:
+                        module[i] = fused
+                        module[i + 1] = nn.Identity()
+    return model
+
+
+def prepare_for_inference(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
+    """Eval mode, frozen norms folded into convs, and (optionally) channels_last memory
+    layout, which oneDNN's CPU convolutions and cuDNN's tensor-core kernels run faster."""
+    model.eval()
+    fold_frozen_batchnorm(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
 from .base import Backbone, check_image_batch
-from .norm import fold_conv_norm, freeze_batchnorm, get_norm
+from .norm import freeze_batchnorm, get_norm
 from .shape_spec import ShapeSpec
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
@@ -301,25 +301,6 @@ class ResNet(Backbone):
         if "logits" not in feats:
             raise RuntimeError("'logits' is not among out_features")
         return feats["logits"]
-
-
-def fold_frozen_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold every (Conv2d, FrozenBN or eval-mode BN) pair of the blocks and stem into one
-    biased Conv2d, in place, for inference. Returns the model."""
-    for module in list(model.modules()):
-        for conv_name, norm_name in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):
-            conv, norm = getattr(module, conv_name, None), getattr(module, norm_name, None)
-            if type(conv) is nn.Conv2d and norm is not None:
-                fused = fold_conv_norm(conv, norm)
-                if fused is not None:
-                    setattr(module, conv_name, fused)
-                    setattr(module, norm_name, nn.Identity())
-        ds = getattr(module, "downsample", None)
-        if isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) is nn.Conv2d:
-            fused = fold_conv_norm(ds[0], ds[1])
-            if fused is not None:
-                module.downsample = nn.Sequential(fused, nn.Identity())
-    return model
 
 
 # --------------------------------------------------------------------------- registry

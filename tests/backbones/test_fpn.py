@@ -86,3 +86,24 @@ def test_in_features_subset_and_errors():
         backbones.FPN(backbones.resnet50(out_features=["res3", "res4"]), in_features=["res2"])
     with pytest.raises(ValueError, match="doubling"):
         backbones.FPN(backbones.resnet50(out_features=["res2", "res4"]))
+
+
+def test_prepare_for_inference_folds_fpn_norms_exactly():
+    torch.manual_seed(0)
+    fpn = backbones.FPN(backbones.resnet18(norm="BN"), out_channels=32, norm="BN")
+    fpn.train()
+    with torch.no_grad():  # give the BatchNorms real statistics
+        for m in fpn.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = 1.0
+        fpn(torch.randn(2, 3, 96, 96))
+    fpn.eval()
+    x = torch.randn(1, 3, 100, 130, dtype=torch.float64)
+    fpn.double()
+    with torch.no_grad():
+        want = fpn(x)
+        fast = backbones.prepare_for_inference(fpn, channels_last=True)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+        got = fast(x.contiguous(memory_format=torch.channels_last))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-9)
