@@ -1,0 +1,253 @@
+"""Record -> model input: decode the image, augment image, boxes and masks together, to tensors.
+
+Output of :class:`DatasetMapper` (a plain dict)::
+
+    "image":     uint8 Tensor[3, H, W], RGB; resized and flipped in training, the original
+                 image in evaluation (the model resizes and maps predictions back)
+    "height", "width": int, the ORIGINAL image size
+    "image_id":  the record's image id
+    "file_name": str
+    "instances": (training only) dict
+        "boxes":  float32 Tensor[N, 4], xyxy in the pixels of "image"
+        "labels": int64 Tensor[N], contiguous class ids
+        "masks":  uint8 Tensor[N, H, W] (only with mask_on)
+
+Crowd annotations are dropped in training. Randomness comes only from the ``rng`` argument (a
+``np.random.Generator``), so the caller controls reproducibility: :class:`MapDataset` derives
+it from ``(seed, epoch, index)``, which is what makes resumed training repeat its augmentations.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import albumentations as A
+import numpy as np
+import torch
+from pycocotools import mask as mask_util
+
+from detection.data.image_io import ImageReadError, read_image
+
+__all__ = ["DatasetMapper", "MapDataset", "annotation_to_mask", "resize_scale"]
+
+logger = logging.getLogger(__name__)
+
+
+def resize_scale(height: int, width: int, short_edge: float, max_size: float) -> float:
+    """Scale that brings the short edge to ``short_edge`` unless the long edge exceeds max_size."""
+    scale = short_edge / min(height, width)
+    if max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return scale
+
+
+def annotation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """A COCO segmentation (polygons, RLE with str/bytes counts, or uncompressed RLE) -> uint8
+    (height, width) mask."""
+    if isinstance(segmentation, list):
+        polys = [p for p in segmentation if len(p) >= 6]
+        if not polys:
+            return np.zeros((height, width), np.uint8)
+        rle = mask_util.merge(mask_util.frPyObjects(polys, height, width))
+    elif isinstance(segmentation, dict):
+        if isinstance(segmentation.get("counts"), list):
+            rle = mask_util.frPyObjects(segmentation, height, width)
+        else:
+            rle = segmentation
+            if tuple(rle["size"]) != (height, width):
+                raise ValueError(f"RLE size {rle['size']} does not match image {(height, width)}")
+    else:
+        raise ValueError(f"Unsupported segmentation type {type(segmentation).__name__}")
+    return np.ascontiguousarray(mask_util.decode(rle), dtype=np.uint8)
+
+
+class DatasetMapper:
+    """Turn a record (see :mod:`detection.data.coco`) into model input (see module doc)."""
+
+    def __init__(
+        self,
+        is_train: bool,
+        *,
+        min_size_train: Sequence[int] = tuple(range(640, 801, 32)),
+        max_size_train: int = 1333,
+        min_size_sampling: str = "choice",
+        hflip_prob: float = 0.5,
+        photometric: bool = False,
+        photometric_prob: float = 0.8,
+        brightness: float = 0.2,
+        contrast: float = 0.2,
+        saturation: float = 0.2,
+        hue: float = 0.02,
+        mask_on: bool = False,
+        skip_missing_images: bool = False,
+    ) -> None:
+        if min_size_sampling not in ("choice", "range"):
+            raise ValueError(f"min_size_sampling must be 'choice' or 'range': {min_size_sampling}")
+        if min_size_sampling == "range" and len(min_size_train) != 2:
+            raise ValueError(f"'range' sampling needs (min, max), got {tuple(min_size_train)}")
+        self.is_train = is_train
+        self.min_size_train = tuple(int(s) for s in min_size_train)
+        self.max_size_train = int(max_size_train)
+        self.min_size_sampling = min_size_sampling
+        self.hflip_prob = float(hflip_prob)
+        self.photometric = photometric
+        self.photometric_prob = photometric_prob
+        self.jitter = (brightness, contrast, saturation, hue)
+        self.mask_on = mask_on
+        self.skip_missing_images = skip_missing_images
+        self.num_skipped_images = 0
+
+    @classmethod
+    def from_config(cls, cfg: Any, is_train: bool) -> DatasetMapper:
+        """Build from ``cfg.INPUT`` (and ``cfg.MODEL.MASK_ON`` when present)."""
+        p = cfg.INPUT.PHOTOMETRIC
+        model = cfg.get("MODEL", None)
+        return cls(
+            is_train,
+            min_size_train=cfg.INPUT.MIN_SIZE_TRAIN,
+            max_size_train=cfg.INPUT.MAX_SIZE_TRAIN,
+            min_size_sampling=cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
+            hflip_prob=cfg.INPUT.HFLIP_PROB,
+            photometric=p.ENABLED,
+            photometric_prob=p.PROB,
+            brightness=p.BRIGHTNESS,
+            contrast=p.CONTRAST,
+            saturation=p.SATURATION,
+            hue=p.HUE,
+            mask_on=bool(model.get("MASK_ON", False)) if model is not None else False,
+            skip_missing_images=cfg.DATALOADER.SKIP_MISSING_IMAGES,
+        )
+
+    def _short_edge(self, rng: np.random.Generator) -> float:
+        if self.min_size_sampling == "range":
+            lo, hi = self.min_size_train
+            return float(rng.integers(lo, hi + 1))
+        return float(self.min_size_train[int(rng.integers(len(self.min_size_train)))])
+
+    def _transforms(self, h: int, w: int, rng: np.random.Generator) -> A.Compose:
+        scale = resize_scale(h, w, self._short_edge(rng), self.max_size_train)
+        nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+        ops: list[A.BasicTransform] = [A.Resize(nh, nw)]
+        if rng.random() < self.hflip_prob:  # decided here so that rng alone sets the outcome
+            ops.append(A.HorizontalFlip(p=1.0))
+        if self.photometric:
+            b, c, s, hue = self.jitter
+            ops.append(
+                A.ColorJitter(
+                    brightness=b, contrast=c, saturation=s, hue=hue, p=self.photometric_prob
+                )
+            )
+        return A.Compose(
+            ops,
+            bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels", "indices"]),
+            seed=int(rng.integers(2**31 - 1)),
+        )
+
+    def __call__(
+        self, record: dict, rng: np.random.Generator | None = None
+    ) -> dict[str, Any] | None:
+        """Map one record. Returns None only for an unreadable image with skip_missing_images."""
+        try:
+            image = read_image(record["file_name"])
+        except ImageReadError as e:
+            if self.skip_missing_images:
+                self.num_skipped_images += 1
+                logger.warning(
+                    "Skipping image_id %s (%d skipped so far): %s",
+                    record.get("image_id"), self.num_skipped_images, e,
+                )
+                return None
+            raise ImageReadError(f"{e} (record image_id={record.get('image_id')})") from e
+        h, w = image.shape[:2]
+        rh, rw = record.get("height"), record.get("width")
+        if (rh is not None and rh != h) or (rw is not None and rw != w):
+            raise ValueError(
+                f"Image {record['file_name']} (image_id={record.get('image_id')}) is {h}x{w} "
+                f"but its record says {rh}x{rw}"
+            )
+        out: dict[str, Any] = {
+            "height": h,
+            "width": w,
+            "image_id": record.get("image_id"),
+            "file_name": record["file_name"],
+        }
+        if not self.is_train:
+            out["image"] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            return out
+
+        rng = rng if rng is not None else np.random.default_rng()
+        anns = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+        boxes, labels, keep = [], [], []
+        for i, a in enumerate(anns):  # albumentations raises on invalid boxes: clean first
+            x0, y0, x1, y1 = (float(v) for v in a["bbox"])
+            x0, x1 = min(max(x0, 0.0), w), min(max(x1, 0.0), w)
+            y0, y1 = min(max(y0, 0.0), h), min(max(y1, 0.0), h)
+            if x1 - x0 > 0 and y1 - y0 > 0:
+                boxes.append([x0, y0, x1, y1])
+                labels.append(int(a["category_id"]))
+                keep.append(i)
+        kwargs: dict[str, Any] = {
+            "image": image,
+            "bboxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+            "labels": labels,
+            "indices": list(range(len(keep))),
+        }
+        if self.mask_on and keep:
+            kwargs["masks"] = [annotation_to_mask(anns[i]["segmentation"], h, w) for i in keep]
+        res = self._transforms(h, w, rng)(**kwargs)
+
+        img = res["image"]
+        nh, nw = img.shape[:2]
+        idx = [int(i) for i in res["indices"]]
+        out_boxes = torch.as_tensor(np.asarray(res["bboxes"], np.float32).reshape(-1, 4))
+        out_boxes[:, 0::2].clamp_(0, nw)
+        out_boxes[:, 1::2].clamp_(0, nh)
+        instances: dict[str, torch.Tensor] = {
+            "boxes": out_boxes,
+            "labels": torch.as_tensor([int(v) for v in res["labels"]], dtype=torch.int64),
+        }
+        if self.mask_on:
+            if idx:
+                masks = np.stack([np.asarray(res["masks"][i], np.uint8) for i in idx])
+            else:
+                masks = np.zeros((0, nh, nw), np.uint8)
+            instances["masks"] = torch.from_numpy(masks)
+        out["image"] = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+        out["instances"] = instances
+        return out
+
+
+class MapDataset(torch.utils.data.Dataset):
+    """Records + mapper, with per-sample randomness from ``(seed, epoch, index)``.
+
+    Keys are an int index, or ``(index, epoch)`` as :class:`~detection.data.samplers.
+    TrainingSampler` yields them. With ``skip_missing_images`` an unreadable image is replaced
+    by another record chosen deterministically (training) or the item is None (evaluation;
+    the collate function drops it).
+    """
+
+    def __init__(self, records: list[dict], mapper: DatasetMapper, *, seed: int = 0) -> None:
+        self.records = records
+        self.mapper = mapper
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def rng_for(self, index: int, epoch: int = 0) -> np.random.Generator:
+        """The generator the mapper gets for sample ``index`` in ``epoch``."""
+        return np.random.default_rng([self.seed & 0xFFFFFFFF, int(epoch), int(index)])
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
+        index, epoch = (key if isinstance(key, tuple) else (key, 0))
+        out = self.mapper(self.records[index], self.rng_for(index, epoch))
+        if out is not None or not self.mapper.is_train:
+            return out
+        retry = np.random.default_rng([self.seed & 0xFFFFFFFF, int(epoch), int(index), 1])
+        for _ in range(10):
+            other = int(retry.integers(len(self.records)))
+            out = self.mapper(self.records[other], self.rng_for(other, epoch))
+            if out is not None:
+                return out
+        raise ImageReadError(f"10 replacement images in a row were unreadable (near index {index})")
