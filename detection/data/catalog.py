@@ -56,7 +56,7 @@ def register_dataset(
     loader: Callable[[], list[dict]],
     metadata: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
 ) -> None:
-    """Register ``loader`` (returns records) under ``name``; metadata may be a dict or a callable."""
+    """Register ``loader`` (returns records) under ``name``; metadata: a dict or a callable."""
     if not callable(loader):
         raise TypeError(f"loader for dataset '{name}' must be callable")
     _LOADERS[name] = loader

@@ -17,9 +17,9 @@ A record is a plain dict::
         ],
     }
 
-Metadata is a dict: ``thing_classes`` (names in contiguous order), ``thing_dataset_id_to_contiguous_id``,
-``contiguous_id_to_dataset_id`` (list), ``json_file``, ``image_root``, ``evaluator_type`` and
-``load_stats`` (what was skipped or clipped, counted).
+Metadata is a dict: ``thing_classes`` (names in contiguous order),
+``thing_dataset_id_to_contiguous_id``, ``contiguous_id_to_dataset_id`` (list), ``json_file``,
+``image_root``, ``evaluator_type`` and ``load_stats`` (what was skipped or clipped, counted).
 
 Categories are ordered by their dataset id, so ids 3, 7, 42 become 0, 1, 2.
 
@@ -90,9 +90,7 @@ def metadata_from_categories(categories: list[dict]) -> dict[str, Any]:
     }
 
 
-def _convert_box(
-    bbox: Any, width: int, height: int
-) -> tuple[list[float] | None, str | None]:
+def _convert_box(bbox: Any, width: int, height: int) -> tuple[list[float] | None, str | None]:
     """COCO xywh -> clipped xyxy, or (None, reason) for a box to skip."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         return None, "invalid_box"
@@ -195,7 +193,11 @@ def load_coco_json(
         action = "clipped to the image" if reason == "clipped" else "skipped"
         logger.warning(
             "%s: %d annotation(s) %s (%s); first ids: %s",
-            name, n, action, reason, examples[reason][:5],
+            name,
+            n,
+            action,
+            reason,
+            examples[reason][:5],
         )
     meta.update(
         json_file=json_file,

@@ -155,7 +155,9 @@ class DatasetMapper:
                 self.num_skipped_images += 1
                 logger.warning(
                     "Skipping image_id %s (%d skipped so far): %s",
-                    record.get("image_id"), self.num_skipped_images, e,
+                    record.get("image_id"),
+                    self.num_skipped_images,
+                    e,
                 )
                 return None
             raise ImageReadError(f"{e} (record image_id={record.get('image_id')})") from e
@@ -240,7 +242,7 @@ class MapDataset(torch.utils.data.Dataset):
         return np.random.default_rng([self.seed & 0xFFFFFFFF, int(epoch), int(index)])
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
-        index, epoch = (key if isinstance(key, tuple) else (key, 0))
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
         out = self.mapper(self.records[index], self.rng_for(index, epoch))
         if out is not None or not self.mapper.is_train:
             return out

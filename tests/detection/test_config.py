@@ -51,8 +51,16 @@ def test_base_inheritance_two_levels(tmp_path):
 def test_overrides_from_list():
     cfg = get_cfg()
     cfg.merge_from_list(
-        ["SOLVER.BASE_LR", "0.01", "DATASETS.TRAIN", "('shapes_train',)", "SOLVER.OPTIMIZER",
-         "AdamW", "SOLVER.AMP.ENABLED", "True"]
+        [
+            "SOLVER.BASE_LR",
+            "0.01",
+            "DATASETS.TRAIN",
+            "('shapes_train',)",
+            "SOLVER.OPTIMIZER",
+            "AdamW",
+            "SOLVER.AMP.ENABLED",
+            "True",
+        ]
     )
     assert cfg.SOLVER.BASE_LR == 0.01
     assert cfg.DATASETS.TRAIN == ("shapes_train",)

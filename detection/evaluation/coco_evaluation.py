@@ -1,0 +1,318 @@
+"""COCO box/mask AP with pycocotools, from model outputs in input-image pixels.
+
+Scale: the returned metrics are percentages (0-100), as detectron2 reports them; ``AP`` of
+perfect detections is 100.0. A metric pycocotools cannot compute (it gives -1, e.g. no ground
+truth in that area range, or a category without ground truth) is reported as NaN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+__all__ = [
+    "COCOEvaluator",
+    "STAT_NAMES",
+    "coco_stats_to_metrics",
+    "detections_to_coco_results",
+    "format_per_category_table",
+    "write_coco_submission",
+]
+
+logger = logging.getLogger(__name__)
+
+# The 12 numbers of COCOeval.stats, in order.
+STAT_NAMES = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+)
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def detections_to_coco_results(
+    image_id: int,
+    output: dict[str, Any],
+    contiguous_id_to_dataset_id: Sequence[int],
+    *,
+    with_masks: bool = True,
+) -> list[dict[str, Any]]:
+    """One image's model output -> COCO results entries.
+
+    ``output``: ``boxes`` (N, 4) xyxy in input-image pixels, ``scores`` (N,), ``labels`` (N,)
+    contiguous, and optionally ``masks`` (N, H, W) bool/uint8, or float probabilities
+    (thresholded at 0.5), or (N, 1, H, W). Entries carry the dataset's category ids, xywh
+    boxes and (with masks) RLE ``segmentation`` with str counts.
+    """
+    boxes = _numpy(output["boxes"]).astype(np.float64).reshape(-1, 4)
+    scores = _numpy(output["scores"]).astype(np.float64).reshape(-1)
+    labels = _numpy(output["labels"]).astype(np.int64).reshape(-1)
+    if not len(boxes) == len(scores) == len(labels):
+        raise ValueError(
+            f"image {image_id}: boxes {boxes.shape}, scores {scores.shape}, labels {labels.shape}"
+        )
+    num_classes = len(contiguous_id_to_dataset_id)
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"image {image_id}: labels must be contiguous in [0, {num_classes}), "
+            f"got range [{labels.min()}, {labels.max()}]"
+        )
+    rles = None
+    if with_masks and output.get("masks") is not None:
+        masks = _numpy(output["masks"])
+        if masks.ndim == 4:
+            masks = masks[:, 0]
+        if masks.dtype.kind == "f":
+            masks = masks >= 0.5
+        masks = np.asfortranarray(masks.astype(np.uint8).transpose(1, 2, 0))  # (H, W, N)
+        rles = mask_util.encode(masks) if masks.shape[2] else []
+        for r in rles:
+            r["counts"] = r["counts"].decode("ascii")
+    xywh = boxes.copy()
+    xywh[:, 2:] -= xywh[:, :2]
+    results = []
+    for i in range(len(boxes)):
+        entry: dict[str, Any] = {
+            "image_id": int(image_id),
+            "category_id": int(contiguous_id_to_dataset_id[labels[i]]),
+            "bbox": [round(float(v), 3) for v in xywh[i]],
+            "score": round(float(scores[i]), 5),
+        }
+        if rles is not None:
+            entry["segmentation"] = rles[i]
+        results.append(entry)
+    return results
+
+
+def coco_stats_to_metrics(stats: Iterable[float]) -> dict[str, float]:
+    """COCOeval.stats (0-1, -1 for undefined) -> {name: percentage or NaN}."""
+    return {n: (float(s) * 100.0 if s >= 0 else math.nan) for n, s in zip(STAT_NAMES, stats)}
+
+
+def format_per_category_table(per_category: dict[str, float], columns: int = 3) -> str:
+    """A plain-text table of ``{class name: AP}``, ``columns`` pairs per row."""
+    cells = [(name, "nan" if math.isnan(ap) else f"{ap:.3f}") for name, ap in per_category.items()]
+    if not cells:
+        return ""
+    wn = max(len("category"), *(len(c[0]) for c in cells))
+    wa = max(len("AP"), *(len(c[1]) for c in cells))
+    header = " | ".join([f"{'category':<{wn}} | {'AP':>{wa}}"] * min(columns, len(cells)))
+    lines = [header, "-" * len(header)]
+    for i in range(0, len(cells), columns):
+        row = cells[i : i + columns]
+        lines.append(" | ".join(f"{n:<{wn}} | {a:>{wa}}" for n, a in row))
+    return "\n".join(lines)
+
+
+def _empty_results_coco(gt: COCO) -> COCO:
+    dt = COCO()
+    dt.dataset = {
+        "images": copy.deepcopy(gt.dataset["images"]),
+        "categories": copy.deepcopy(gt.dataset.get("categories", [])),
+        "annotations": [],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt.createIndex()
+    return dt
+
+
+class COCOEvaluator:
+    """Accumulate detections over a dataset, then compute COCO AP with pycocotools.
+
+    ``dataset``: a registered dataset name, or ``(gt, metadata)`` where gt is a COCO json path
+    or a ``pycocotools.coco.COCO`` and metadata a dict with ``contiguous_id_to_dataset_id`` (and
+    optionally ``thing_classes``), or None to derive it from gt's categories (sorted by id).
+
+    Only the images passed to :meth:`process` are evaluated (``params.imgIds``); images with no
+    detections count as such. With ``distributed`` and torch.distributed initialized, results
+    are gathered to rank 0 (others return {}); duplicates of an image id are dropped.
+    """
+
+    def __init__(
+        self,
+        dataset: str | tuple[str | os.PathLike | COCO, dict[str, Any] | None],
+        tasks: Sequence[str] = ("bbox",),
+        output_dir: str | os.PathLike | None = None,
+        distributed: bool = True,
+    ) -> None:
+        for t in tasks:
+            if t not in ("bbox", "segm"):
+                raise ValueError(f"Unsupported task {t!r}; use 'bbox' and/or 'segm'")
+        if isinstance(dataset, str):
+            from detection.data.catalog import get_metadata
+
+            metadata = get_metadata(dataset)
+            if "json_file" not in metadata:
+                raise ValueError(f"Dataset '{dataset}' has no json_file in its metadata")
+            gt: str | os.PathLike | COCO = metadata["json_file"]
+        else:
+            gt, metadata = dataset
+        if isinstance(gt, COCO):
+            self.coco_gt = gt
+        else:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.coco_gt = COCO(os.fspath(gt))
+        if metadata is None or "contiguous_id_to_dataset_id" not in metadata:
+            from detection.data.coco import metadata_from_categories
+
+            metadata = {
+                **(metadata or {}),
+                **metadata_from_categories(self.coco_gt.dataset.get("categories", [])),
+            }
+        self.metadata = metadata
+        self.tasks = tuple(tasks)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.distributed = distributed
+        self.coco_eval: dict[str, COCOeval] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self._predictions: list[dict[str, Any]] = []
+
+    def process(self, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> None:
+        """Add one batch: mapper dicts (with ``image_id``) and the model's per-image outputs."""
+        if len(inputs) != len(outputs):
+            raise ValueError(f"{len(inputs)} inputs but {len(outputs)} outputs")
+        ids = self.metadata["contiguous_id_to_dataset_id"]
+        for inp, out in zip(inputs, outputs):
+            self._predictions.append(
+                {
+                    "image_id": int(inp["image_id"]),
+                    "results": detections_to_coco_results(
+                        inp["image_id"], out, ids, with_masks="segm" in self.tasks
+                    ),
+                }
+            )
+
+    def _gather(self) -> list[dict[str, Any]] | None:
+        if self.distributed and dist.is_available() and dist.is_initialized():
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, self._predictions)
+            if dist.get_rank() != 0:
+                return None
+            preds = [p for part in parts for p in part]
+        else:
+            preds = list(self._predictions)
+        seen, unique = set(), []
+        for p in preds:  # padded or repeated shards: keep one copy per image
+            if p["image_id"] not in seen:
+                seen.add(p["image_id"])
+                unique.append(p)
+        return unique
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """{task: {"AP", "AP50", ..., "ARl", "AP-<class>"}} on a 0-100 scale; {} off rank 0."""
+        preds = self._gather()
+        if preds is None:
+            return {}
+        if not preds:
+            logger.warning("COCOEvaluator: no images were processed")
+            return {}
+        results = [r for p in preds for r in p["results"]]
+        img_ids = sorted(p["image_id"] for p in preds)
+        unknown = set(img_ids) - set(self.coco_gt.getImgIds())
+        if unknown:
+            raise ValueError(f"image ids not in the ground truth: {sorted(unknown)[:10]}")
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            path = self.output_dir / "coco_instances_results.json"
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(results))
+            os.replace(tmp, path)
+            logger.info("Wrote %d detections to %s", len(results), path)
+        return {task: self._evaluate_task(task, results, img_ids) for task in self.tasks}
+
+    def _evaluate_task(
+        self, task: str, results: list[dict[str, Any]], img_ids: list[int]
+    ) -> dict[str, float]:
+        task_results = copy.deepcopy(results)
+        if task == "segm":
+            for r in task_results:
+                r.pop("bbox", None)  # else loadRes takes them as box results
+        with contextlib.redirect_stdout(io.StringIO()):
+            dt = (
+                self.coco_gt.loadRes(task_results)
+                if task_results
+                else _empty_results_coco(self.coco_gt)
+            )
+        ev = COCOeval(self.coco_gt, dt, iouType=task)
+        ev.params.imgIds = img_ids
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        logger.info("COCO %s evaluation:\n%s", task, buf.getvalue())
+        self.coco_eval[task] = ev
+        metrics = coco_stats_to_metrics(ev.stats)
+
+        # precision: (T iou thresholds, R recall points, K categories, A areas, M maxDets)
+        precision = ev.eval["precision"]
+        cats = self.coco_gt.loadCats(ev.params.catIds)
+        per_category: dict[str, float] = {}
+        for k, cat in enumerate(cats):
+            p = precision[:, :, k, 0, -1]
+            p = p[p > -1]
+            per_category[str(cat.get("name", cat["id"]))] = (
+                float(np.mean(p)) * 100.0 if p.size else math.nan
+            )
+        logger.info("Per-category %s AP:\n%s", task, format_per_category_table(per_category))
+        metrics.update({f"AP-{name}": ap for name, ap in per_category.items()})
+        return metrics
+
+
+def write_coco_submission(
+    results: list[dict[str, Any]],
+    output_dir: str | os.PathLike,
+    *,
+    split: str = "test-dev2017",
+    alg: str = "detkit",
+    kind: str = "detections",
+) -> Path:
+    """Write ``results`` as the COCO server expects: ``{kind}_{split}_{alg}_results.json`` zipped.
+
+    ``split`` is ``"test-dev2017"`` or ``"val2017"``; ``alg`` may not contain ``_``. Returns the
+    zip's path (the json sits beside it).
+    """
+    if split not in ("test-dev2017", "val2017", "test-challenge2017"):
+        raise ValueError(f"split must be 'test-dev2017' or 'val2017', got {split!r}")
+    if "_" in alg or not alg:
+        raise ValueError(f"alg must be a non-empty name without '_', got {alg!r}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{kind}_{split}_{alg}_results.json"
+    json_path = out / name
+    json_path.write_text(json.dumps(results))
+    zip_path = out / (json_path.stem + ".zip")
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.write(json_path, arcname=name)
+    return zip_path
