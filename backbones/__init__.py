@@ -33,3 +33,13 @@ from .resnet import (
     wide_resnet50_2,
 )
 from .shape_spec import ShapeSpec
+from .weights import (
+    WEIGHTS,
+    LoadReport,
+    WeightsSpec,
+    download_weights,
+    list_weights,
+    load_pretrained,
+    read_checkpoint,
+    resolve_weights,
+)
