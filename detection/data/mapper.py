@@ -20,6 +20,7 @@ it from ``(seed, epoch, index)``, which is what makes resumed training repeat it
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Sequence
 
 import albumentations as A
@@ -59,7 +60,9 @@ def annotation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarray
                 raise ValueError(f"RLE size {rle['size']} does not match image {(height, width)}")
     else:
         raise ValueError(f"Unsupported segmentation type {type(segmentation).__name__}")
-    return np.ascontiguousarray(mask_util.decode(rle), dtype=np.uint8)
+    with warnings.catch_warnings():  # pycocotools' numpy-2 copy= DeprecationWarning
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return np.ascontiguousarray(mask_util.decode(rle), dtype=np.uint8)
 
 
 class DatasetMapper:
