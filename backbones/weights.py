@@ -22,7 +22,7 @@ import pickle
 import re
 import urllib.error
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -80,6 +80,12 @@ class WeightsSpec:
         object.__setattr__(self, "pixel_mean", tuple(float(v) for v in self.pixel_mean))
         object.__setattr__(self, "pixel_std", tuple(float(v) for v in self.pixel_std))
         object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
+
+    def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
+        # a mappingproxy cannot be pickled: rebuild from plain values (DDP spawn, checkpoints)
+        values = tuple(dict(self.metrics) if f.name == "metrics" else getattr(self, f.name)
+                       for f in fields(self))
+        return (type(self), values)
 
     @property
     def file_name(self) -> str:
@@ -277,9 +283,10 @@ def guess_arch(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
 # ------------------------------------------------------------------------------ download
 
 def cache_file_name(url: str) -> str:
-    """A URL's file name in the cache. Hugging Face hub files, all called e.g.
-    ``model.safetensors``, get their repository in front: ``timm--resnet50.a1_in1k--model...``.
-    """
+    """A URL's file name in the cache: its last path part, except that Hugging Face hub files
+    (all called e.g. ``model.safetensors``) get their repository in front
+    (``timm--resnet50.a1_in1k--model.safetensors``) and detectron2's files their whole path
+    (``detectron2--ImageNetPretrained--MSRA--R-50.pkl``)."""
     parsed = urllib.parse.urlparse(url)
     parts = [urllib.parse.unquote(p) for p in parsed.path.split("/") if p]
     if not parts:
@@ -287,6 +294,8 @@ def cache_file_name(url: str) -> str:
     if parsed.netloc.endswith("huggingface.co") and "resolve" in parts:
         i = parts.index("resolve")
         return "--".join(parts[:i] + [parts[-1]])
+    if parsed.netloc == "dl.fbaipublicfiles.com" and parts[0] == "detectron2":
+        return "--".join(parts)  # MSRA/R-50.pkl and torchvision/R-50.pkl both exist there
     return parts[-1]
 
 
@@ -297,9 +306,10 @@ def _cache_dir(model_dir: Optional[Union[str, os.PathLike]]) -> Path:
 
 
 def _hash_prefix_in_name(file_name: str) -> Optional[str]:
-    """torchvision's convention: ``name-<first hex digits of sha256>.ext``."""
-    m = re.search(r"-([0-9a-f]{8,64})\.", file_name)
-    return m.group(1) if m else None
+    """torchvision's convention: ``name-<first hex digits of sha256>.ext``. A run of digits
+    alone (``model-20240101.pth``) reads as a date, not a hash."""
+    m = re.search(r"-([0-9a-f]{8,64})\.[^-]+$", file_name)
+    return m.group(1) if m and re.search("[a-f]", m.group(1)) else None
 
 
 def sha256_of_file(path: Union[str, os.PathLike]) -> str:
@@ -501,7 +511,8 @@ def load_pretrained(
     missing = list(result.missing_keys)
     unexpected = list(result.unexpected_keys)
     report = LoadReport(
-        weights=weights, file=str(path), format=fmt, loaded=len(state_dict) - len(unexpected),
+        weights=weights, file=str(path), format=fmt,
+        loaded=sum(1 for k in state_dict if k in model_sd),
         missing_keys=missing, unexpected_keys=unexpected, dropped=dropped,
     )
     bad_missing = [k for k in missing if not _MAY_BE_MISSING.search(k)]

@@ -132,6 +132,9 @@ def test_published_numbers_and_cache_names():
     assert len(timm_files) == len([n for n in list_weights() if n.startswith("timm/")])
     assert cache_file_name(WEIGHTS["timm/resnet50.a1_in1k"].url) == (
         "timm--resnet50.a1_in1k--model.safetensors")
+    assert WEIGHTS["detectron2/R-50"].file_name == "detectron2--ImageNetPretrained--MSRA--R-50.pkl"
+    assert WEIGHTS["torchvision/resnet50.imagenet1k_v2"].file_name == "resnet50-11ad3fa6.pth"
+    assert len({s.file_name for s in WEIGHTS.values()}) == len(WEIGHTS)
 
 
 def test_specs_are_frozen_and_validated():
@@ -393,14 +396,14 @@ def test_download_with_default_cache_is_torch_home(tmp_path):
 
 def test_wrong_hash_is_refused_and_not_cached(tmp_path):
     source, _ = _hashed_checkpoint(tmp_path)
-    bad = source.with_name("resnet18-00000000.pth")
+    bad = source.with_name("resnet18-deadbeef.pth")
     source.rename(bad)
     cache = tmp_path / "cache"
     with pytest.raises(ChecksumError) as info:
         load_pretrained(build_backbone("resnet18"), bad.as_uri(), model_dir=cache,
                         progress=False)
     message = str(info.value)
-    assert "resnet18-00000000.pth" in message and "00000000" in message
+    assert "resnet18-deadbeef.pth" in message and "expected deadbeef" in message
     assert _sha256(bad) in message
     assert list(cache.iterdir()) == []
 
@@ -435,3 +438,10 @@ def test_registered_name_loads_offline_from_cache(tmp_path):
     report = load_pretrained(build_backbone("resnet18"), "torchvision/resnet18.imagenet1k_v1",
                              model_dir=cache)
     assert report.file == str(cache / "resnet18-f37072fd.pth")
+
+
+def test_digits_in_a_file_name_are_not_taken_for_a_hash(tmp_path):
+    path, _ = _torchvision_checkpoint(tmp_path, "resnet18", name="resnet18-20240101.pth")
+    report = load_pretrained(build_backbone("resnet18"), path.as_uri(),
+                             model_dir=tmp_path / "cache", progress=False)
+    assert report.missing_keys == []
