@@ -451,7 +451,6 @@ def _short(keys: Sequence[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + more
 
 
-_HEAD = re.compile(r"^(fc|linear)\.")
 # Model keys a checkpoint need not supply: BN counters, and deformable offsets (start at zero).
 _MAY_BE_MISSING = re.compile(r"(num_batches_tracked$|\.conv2\.offset\.)")
 
@@ -490,9 +489,11 @@ def load_pretrained(
 
     Names are converted to ours (the source is detected from the keys; ``spec.source == "timm"``
     uses the timm converter). A shape mismatch raises ValueError naming the key and both
-    shapes. A classifier head (``fc.*``/``linear.*``) the model lacks is reported as
-    unexpected and skipped. With ``strict``, any other unexpected key, or a missing key other
-    than BN counters and deformable offsets, raises ValueError. Sets ``model.input_format``,
+    shapes. Keys of parts the model lacks (a classifier head ``fc.*``/``linear.*`` in a
+    headless backbone, stages after its last output) are reported as unexpected and skipped.
+    With ``strict``, an unexpected key inside a part the model has (say res4.6 of a ResNet-101
+    file in a ResNet-50), or a missing key other than BN counters and deformable offsets,
+    raises ValueError. Sets ``model.input_format``,
     ``pixel_mean`` and ``pixel_std`` from the spec (given, registered or inferred). Returns a
     LoadReport, also logged.
     """
@@ -515,8 +516,11 @@ def load_pretrained(
         loaded=sum(1 for k in state_dict if k in model_sd),
         missing_keys=missing, unexpected_keys=unexpected, dropped=dropped,
     )
+    # Keys of parts the model did not build (the classifier of a headless backbone, res5 of a
+    # C4 body ending at res4) are unused, not wrong; a surplus inside a built part is wrong.
+    built = {name for name, _ in model.named_children()}
     bad_missing = [k for k in missing if not _MAY_BE_MISSING.search(k)]
-    bad_unexpected = [k for k in unexpected if not _HEAD.match(k)]
+    bad_unexpected = [k for k in unexpected if k.split(".", 1)[0] in built]
     if strict and (bad_missing or bad_unexpected):
         raise ValueError(
             f"weights {weights} do not fit this {type(model).__name__}: missing keys "

@@ -445,3 +445,21 @@ def test_digits_in_a_file_name_are_not_taken_for_a_hash(tmp_path):
     report = load_pretrained(build_backbone("resnet18"), path.as_uri(),
                              model_dir=tmp_path / "cache", progress=False)
     assert report.missing_keys == []
+
+
+def test_stages_the_model_did_not_build_are_unused_not_wrong(tmp_path):
+    path, _ = _torchvision_checkpoint(tmp_path, "resnet18")
+    model = build_backbone("resnet18", out_features=["res2", "res3", "res4"])  # a C4 body
+    report = load_pretrained(model, str(path))
+    assert report.missing_keys == []
+    assert {k.split(".")[0] for k in report.unexpected_keys} == {"res5", "fc"}
+
+
+def test_surplus_blocks_in_a_built_stage_are_refused(tmp_path):
+    data = torchvision.models.resnet18().state_dict()
+    data.update({k.replace("layer1.1.", "layer1.2."): v for k, v in data.items()
+                 if k.startswith("layer1.1.")})  # a third block, as in a deeper ResNet
+    path = tmp_path / "deeper.pth"
+    torch.save(data, path)
+    with pytest.raises(ValueError, match=r"unexpected keys \[res2\.2\."):
+        load_pretrained(build_backbone("resnet18"), str(path))
