@@ -1,0 +1,98 @@
+"""Box arithmetic on (..., 4) xyxy tensors: deltas coding, clipping, sizes.
+
+All functions broadcast over leading dimensions and never loop over boxes.
+"""
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+# Largest log-scale delta applied when decoding: exp() of more would make huge boxes.
+DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
+
+
+class BoxCoder:
+    """Encodes a target box relative to a reference box as (dx, dy, dw, dh) deltas and decodes
+    them back (R-CNN parameterisation).
+
+    Args:
+        weights: (wx, wy, ww, wh) multipliers of the deltas: (1, 1, 1, 1) in the RPN,
+            (10, 10, 5, 5) in Fast R-CNN heads.
+        scale_clamp: upper bound on dw, dh before ``exp`` when decoding.
+    """
+
+    def __init__(
+        self, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+        scale_clamp: float = DEFAULT_SCALE_CLAMP,
+    ) -> None:
+        if len(weights) != 4:
+            raise ValueError(f"BoxCoder needs 4 weights, got {tuple(weights)}")
+        self.weights = tuple(float(w) for w in weights)
+        self.scale_clamp = float(scale_clamp)
+
+    def encode(self, targets: Tensor, references: Tensor) -> Tensor:
+        """Deltas ``(..., 4)`` that turn ``references`` ``(..., 4)`` into ``targets``."""
+        wx, wy, ww, wh = self.weights
+        ref_w = references[..., 2] - references[..., 0]
+        ref_h = references[..., 3] - references[..., 1]
+        ref_x = references[..., 0] + 0.5 * ref_w
+        ref_y = references[..., 1] + 0.5 * ref_h
+        tgt_w = targets[..., 2] - targets[..., 0]
+        tgt_h = targets[..., 3] - targets[..., 1]
+        tgt_x = targets[..., 0] + 0.5 * tgt_w
+        tgt_y = targets[..., 1] + 0.5 * tgt_h
+        return torch.stack((
+            wx * (tgt_x - ref_x) / ref_w,
+            wy * (tgt_y - ref_y) / ref_h,
+            ww * torch.log(tgt_w / ref_w),
+            wh * torch.log(tgt_h / ref_h),
+        ), dim=-1)
+
+    def decode(self, deltas: Tensor, references: Tensor) -> Tensor:
+        """Boxes ``(..., 4)`` from deltas ``(..., 4)`` applied to ``references`` (broadcast)."""
+        references = references.to(deltas.dtype)
+        wx, wy, ww, wh = self.weights
+        ref_w = references[..., 2] - references[..., 0]
+        ref_h = references[..., 3] - references[..., 1]
+        ref_x = references[..., 0] + 0.5 * ref_w
+        ref_y = references[..., 1] + 0.5 * ref_h
+        dx = deltas[..., 0] / wx
+        dy = deltas[..., 1] / wy
+        dw = (deltas[..., 2] / ww).clamp(max=self.scale_clamp)
+        dh = (deltas[..., 3] / wh).clamp(max=self.scale_clamp)
+        cx = dx * ref_w + ref_x
+        cy = dy * ref_h + ref_y
+        half_w = 0.5 * (torch.exp(dw) * ref_w)
+        half_h = 0.5 * (torch.exp(dh) * ref_h)
+        return torch.stack((cx - half_w, cy - half_h, cx + half_w, cy + half_h), dim=-1)
+
+
+def clip_boxes(boxes: Tensor, limits: Tensor) -> Tensor:
+    """Clamp ``boxes`` ``(..., 4)`` to ``[0, w] x [0, h]``; ``limits`` broadcasts against the
+    boxes and holds ``(w, h, w, h)`` in its last dimension."""
+    return torch.minimum(boxes.clamp(min=0), limits.to(boxes.dtype))
+
+
+def box_sizes(boxes: Tensor) -> Tuple[Tensor, Tensor]:
+    """Widths and heights ``(...)`` of ``boxes`` ``(..., 4)``."""
+    return boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+
+
+def size_limits(image_sizes: Sequence[Tuple[int, int]], like: Tensor) -> Tensor:
+    """``(N, 4)`` tensor of ``(w, h, w, h)`` for ``image_sizes`` given as ``(h, w)``."""
+    return torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=like.dtype,
+                        device=like.device)
+
+
+def top_k_per_group(group: Tensor, num_groups: int, k: int) -> Tensor:
+    """Indices into ``group`` ``(M,)`` (already sorted by decreasing score) of the first ``k``
+    elements of each group, ordered by group then by score. ``group`` holds ints in
+    ``[0, num_groups)``."""
+    order = torch.sort(group, stable=True).indices
+    sorted_group = group[order]
+    counts = torch.bincount(sorted_group, minlength=num_groups)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(group.numel(), device=group.device) - starts[sorted_group]
+    return order[rank < k]

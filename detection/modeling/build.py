@@ -1,0 +1,204 @@
+"""Building a detector from a config: the only place that reads ``cfg.MODEL``."""
+
+from typing import Dict, Optional
+
+from fvcore.common.config import CfgNode
+from torch import nn
+
+import backbones
+from backbones import FPN, ShapeSpec, make_stage
+from backbones.base import Backbone
+
+from .anchors import AnchorGenerator
+from .box_ops import BoxCoder
+from .faster_rcnn import GeneralizedRCNN
+from .matcher import Matcher
+from .metadata import Metadata
+from .poolers import ROIPooler
+from .preprocess import Preprocessor
+from .roi_heads import FastRCNNConvFCHead, FastRCNNPredictor, Res5BoxHead, StandardROIHeads
+from .rpn import RPN, RPNHead
+
+LEVEL_MAPPINGS = {"detectron2": (1e-8, True), "torchvision": (1e-6, False)}
+
+
+def _norm(name: str) -> str:
+    return name if name else "none"
+
+
+def _resnet(cfg: CfgNode, out_features) -> backbones.ResNet:
+    r = cfg.MODEL.RESNETS
+    arch = {50: "resnet50", 101: "resnet101", 152: "resnet152"}.get(r.DEPTH)
+    if r.DEPTH in (18, 34):
+        arch = f"resnet{r.DEPTH}"
+    if arch is None:
+        raise ValueError(f"MODEL.RESNETS.DEPTH must be 18, 34, 50, 101 or 152, got {r.DEPTH}")
+    kwargs = {}
+    if r.NUM_GROUPS != 1 or r.WIDTH_PER_GROUP != 64:
+        kwargs.update(groups=r.NUM_GROUPS, width_per_group=r.WIDTH_PER_GROUP)
+    return backbones.build_backbone(
+        arch, weights=cfg.MODEL.BACKBONE.WEIGHTS or None, norm=r.NORM,
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+        style="caffe" if r.STRIDE_IN_1X1 else "pytorch",
+        dilations=(1, 1, 1, r.RES5_DILATION), out_features=list(out_features), **kwargs,
+    )
+
+
+def build_detector_backbone(cfg: CfgNode) -> Backbone:
+    """ResNet (C4: up to res4) or ResNet-FPN, by ``MODEL.BACKBONE.NAME``."""
+    name = cfg.MODEL.BACKBONE.NAME
+    if name == "resnet_fpn":
+        in_features = list(cfg.MODEL.FPN.IN_FEATURES) or ["res2", "res3", "res4", "res5"]
+        body = _resnet(cfg, in_features)
+        return FPN(body, out_channels=cfg.MODEL.FPN.OUT_CHANNELS, in_features=in_features,
+                   norm=_norm(cfg.MODEL.FPN.NORM), top_block="maxpool")
+    if name == "resnet":
+        return _resnet(cfg, cfg.MODEL.RESNETS.OUT_FEATURES)
+    raise ValueError(f"unknown MODEL.BACKBONE.NAME {name!r}; valid: 'resnet', 'resnet_fpn'")
+
+
+def build_rpn(cfg: CfgNode, shapes: Dict[str, ShapeSpec]) -> RPN:
+    c = cfg.MODEL.RPN
+    a = cfg.MODEL.ANCHOR_GENERATOR
+    in_features = list(c.IN_FEATURES)
+    channels = {shapes[f].channels for f in in_features}
+    if len(channels) != 1:
+        raise ValueError(f"RPN inputs {in_features} must share a channel count, got {channels}")
+    in_channels = channels.pop()
+    if any(d not in (-1, in_channels) for d in c.CONV_DIMS):
+        raise ValueError(f"MODEL.RPN.CONV_DIMS must be -1 or {in_channels}, got {c.CONV_DIMS}")
+    sizes = list(a.SIZES)
+    if len(sizes) == 1 and len(in_features) > 1:  # one size per level, as detectron2 reads it
+        sizes = [[s] for s in sizes[0]]
+    generator = AnchorGenerator(
+        sizes=sizes, aspect_ratios=list(a.ASPECT_RATIOS),
+        strides=[shapes[f].stride for f in in_features], offset=a.OFFSET,
+        round_base=a.ROUND_BASE, ratio_major=a.RATIO_MAJOR, infer_strides=a.INFER_STRIDES,
+    )
+    if len(set(generator.num_anchors)) != 1:
+        raise ValueError("every RPN level needs the same number of anchors")
+    return RPN(
+        in_features=in_features,
+        head=RPNHead(in_channels, generator.num_anchors[0], num_convs=len(c.CONV_DIMS)),
+        anchor_generator=generator,
+        box_coder=BoxCoder(c.BBOX_REG_WEIGHTS, c.BBOX_SCALE_CLAMP),
+        matcher=Matcher(c.IOU_THRESHOLDS, allow_low_quality_matches=True),
+        batch_size_per_image=c.BATCH_SIZE_PER_IMAGE, positive_fraction=c.POSITIVE_FRACTION,
+        pre_nms_topk=(c.PRE_NMS_TOPK_TRAIN, c.PRE_NMS_TOPK_TEST),
+        post_nms_topk=(c.POST_NMS_TOPK_TRAIN, c.POST_NMS_TOPK_TEST),
+        nms_thresh=c.NMS_THRESH, min_box_size=c.MIN_SIZE, smooth_l1_beta=c.SMOOTH_L1_BETA,
+        loss_normalizer=c.LOSS_NORMALIZER, loss_weight=c.LOSS_WEIGHT,
+    )
+
+
+def _pooler(cfg: CfgNode, strides) -> ROIPooler:
+    b = cfg.MODEL.ROI_BOX_HEAD
+    if b.POOLER_TYPE not in ("ROIAlign", "ROIAlignV2"):
+        raise ValueError(f"MODEL.ROI_BOX_HEAD.POOLER_TYPE must be 'ROIAlign' or 'ROIAlignV2', "
+                         f"got {b.POOLER_TYPE!r}")
+    if b.POOLER_LEVEL_MAPPING not in LEVEL_MAPPINGS:
+        raise ValueError(f"MODEL.ROI_BOX_HEAD.POOLER_LEVEL_MAPPING must be one of "
+                         f"{sorted(LEVEL_MAPPINGS)}, got {b.POOLER_LEVEL_MAPPING!r}")
+    eps, inside = LEVEL_MAPPINGS[b.POOLER_LEVEL_MAPPING]
+    return ROIPooler(output_size=b.POOLER_RESOLUTION, strides=strides,
+                     sampling_ratio=b.POOLER_SAMPLING_RATIO,
+                     aligned=b.POOLER_TYPE == "ROIAlignV2", eps=eps, eps_inside_log=inside)
+
+
+def build_roi_heads(cfg: CfgNode, shapes: Dict[str, ShapeSpec],
+                    res5: Optional[nn.Sequential] = None,
+                    mask_head: Optional[nn.Module] = None) -> StandardROIHeads:
+    """``StandardROIHeads`` with a conv/FC box head (FPN) or, for "Res5ROIHeads", with res5 as
+    the box head (pass the stage built for it, or one is built)."""
+    h, b = cfg.MODEL.ROI_HEADS, cfg.MODEL.ROI_BOX_HEAD
+    in_features = list(h.IN_FEATURES)
+    pooler = _pooler(cfg, [shapes[f].stride for f in in_features])
+    if h.NAME == "Res5ROIHeads":
+        if len(in_features) != 1:
+            raise ValueError(f"Res5ROIHeads pools one feature map, got {in_features}")
+        if res5 is None:
+            r = cfg.MODEL.RESNETS
+            res5 = make_stage("bottleneck", 3, shapes[in_features[0]].channels,
+                              512, stride=2, norm=r.NORM,
+                              groups=r.NUM_GROUPS, width_per_group=r.WIDTH_PER_GROUP,
+                              stride_in_1x1=r.STRIDE_IN_1X1)
+        box_head: nn.Module = Res5BoxHead(res5, res5[-1].conv3.out_channels)
+    elif h.NAME == "StandardROIHeads":
+        channels = shapes[in_features[0]].channels
+        box_head = FastRCNNConvFCHead(
+            in_channels=channels, resolution=b.POOLER_RESOLUTION,
+            conv_dims=[b.CONV_DIM] * b.NUM_CONV, fc_dims=[b.FC_DIM] * b.NUM_FC,
+            norm=_norm(b.NORM),
+        )
+    else:
+        raise ValueError(f"unknown MODEL.ROI_HEADS.NAME {h.NAME!r}; valid: 'StandardROIHeads', "
+                         "'Res5ROIHeads'")
+    if len(h.IOU_THRESHOLDS) != 1:
+        raise ValueError("MODEL.ROI_HEADS.IOU_THRESHOLDS takes one threshold")
+    thresh = h.IOU_THRESHOLDS[0]
+    return StandardROIHeads(
+        in_features=in_features, pooler=pooler, box_head=box_head,
+        box_predictor=FastRCNNPredictor(box_head.out_dim, h.NUM_CLASSES),
+        num_classes=h.NUM_CLASSES, box_coder=BoxCoder(b.BBOX_REG_WEIGHTS, b.BBOX_SCALE_CLAMP),
+        matcher=Matcher((thresh, thresh), allow_low_quality_matches=False),
+        batch_size_per_image=h.BATCH_SIZE_PER_IMAGE, positive_fraction=h.POSITIVE_FRACTION,
+        proposal_append_gt=h.PROPOSAL_APPEND_GT, smooth_l1_beta=b.SMOOTH_L1_BETA,
+        score_thresh=h.SCORE_THRESH_TEST, nms_thresh=h.NMS_THRESH_TEST,
+        detections_per_image=h.DETECTIONS_PER_IMAGE, min_box_size=h.MIN_BOX_SIZE,
+        mask_head=mask_head,
+    )
+
+
+def build_metadata(cfg: CfgNode) -> Metadata:
+    k = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    if cfg.MODEL.CLASS_NAMES:
+        return Metadata(class_names=list(cfg.MODEL.CLASS_NAMES),
+                        category_ids=list(cfg.MODEL.CATEGORY_IDS))
+    if k == 80:
+        return Metadata.coco()
+    if k == 90:
+        return Metadata.torchvision_coco()
+    return Metadata(class_names=[f"class_{i}" for i in range(k)])
+
+
+def build_preprocessor(cfg: CfgNode, size_divisibility: int) -> Preprocessor:
+    mode = cfg.INPUT.RESIZE_MODE
+    return Preprocessor(
+        pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD,
+        input_format=cfg.MODEL.INPUT_FORMAT, min_size_test=cfg.INPUT.MIN_SIZE_TEST,
+        max_size_test=cfg.INPUT.MAX_SIZE_TEST, min_size_train=cfg.INPUT.MIN_SIZE_TRAIN,
+        max_size_train=cfg.INPUT.MAX_SIZE_TRAIN,
+        resize_mode="detectron2" if mode == "shortest_edge" else mode,
+        resize_in_train=cfg.INPUT.RESIZE_IN_MODEL_TRAIN, size_divisibility=size_divisibility,
+    )
+
+
+def build_model(cfg: CfgNode, *, mask_head: Optional[nn.Module] = None) -> GeneralizedRCNN:
+    """The detector described by ``cfg`` (random heads; ImageNet backbone weights when
+    ``MODEL.BACKBONE.WEIGHTS`` names them). ``MODEL.WEIGHTS`` is loaded by ``load_model``."""
+    if cfg.MODEL.META_ARCHITECTURE not in ("GeneralizedRCNN", "FasterRCNN"):
+        raise ValueError(f"unknown MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE!r}")
+    res5 = None
+    if cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads":
+        backbone = _resnet(cfg, ["res2", "res3", "res4", "res5"])
+        res5 = split_res5(backbone)
+    else:
+        backbone = build_detector_backbone(cfg)
+    shapes = backbone.output_shape()
+    model = GeneralizedRCNN(
+        preprocessor=build_preprocessor(cfg, backbone.size_divisibility),
+        backbone=backbone, rpn=build_rpn(cfg, shapes),
+        roi_heads=build_roi_heads(cfg, shapes, res5=res5, mask_head=mask_head),
+        metadata=build_metadata(cfg),
+    )
+    return model.to(cfg.MODEL.DEVICE)
+
+
+def split_res5(body: backbones.ResNet) -> nn.Sequential:
+    """Take res5 (with any weights it was loaded with) out of a ResNet, which then ends at
+    res4: the C4 detector runs res5 as its box head."""
+    res5 = body.res5
+    del body.res5
+    body.stage_names.remove("res5")
+    body._out_shapes = {"res4": body._out_shapes["res4"]}
+    return res5

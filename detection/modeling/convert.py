@@ -1,0 +1,184 @@
+"""Converting torchvision's and detectron2's Faster R-CNN checkpoints to our parameter names.
+
+Our names: ``backbone.*`` (FPN: ``backbone.bottom_up.*``, ``backbone.lateral_convs.{i}``,
+``backbone.output_convs.{i}``), ``rpn.head.convs.{j}``, ``rpn.head.objectness``,
+``rpn.head.deltas``, ``roi_heads.box_head.convs.{j}.conv/.norm``, ``roi_heads.box_head.fcs.{j}``
+(C4: ``roi_heads.box_head.res5.*``), ``roi_heads.box_predictor.cls_score`` (background last)
+and ``roi_heads.box_predictor.bbox_pred`` (4 deltas per foreground class).
+"""
+
+import re
+from typing import Any, Dict, List, Mapping, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from backbones.convert import detectron2_resnet_to_ours, torchvision_resnet_to_ours
+
+StateDict = Dict[str, Tensor]
+
+
+def _as_tensor(v: Any) -> Tensor:
+    if isinstance(v, Tensor):
+        return v
+    if isinstance(v, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(v))
+    return torch.as_tensor(v)
+
+
+def torchvision_to_ours(state_dict: Mapping[str, Any]) -> StateDict:
+    """torchvision ``FasterRCNN`` (v1 or v2; published-file or today's names) -> ours.
+
+    The predictor keeps all torchvision outputs: cls_score rows move background from first to
+    last, and bbox_pred loses the background's 4 rows; label k is torchvision label k + 1.
+    """
+    out: StateDict = {}
+    linear_heads: List[Tuple[int, str, Tensor]] = []
+    for key, value in state_dict.items():
+        value = _as_tensor(value)
+        if key.startswith("backbone.body."):
+            sub = torchvision_resnet_to_ours({key[len("backbone.body."):]: value})
+            for k, v in sub.items():
+                out["backbone.bottom_up." + k] = v
+            continue
+        m = re.match(r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(?:(0|1)\.)?(.+)$", key)
+        if m:
+            kind, i, sub_i, rest = m.groups()
+            dst = "lateral_convs" if kind == "inner" else "output_convs"
+            part = "norm" if sub_i == "1" else "conv"
+            out[f"backbone.{dst}.{i}.{part}.{rest}"] = value
+            continue
+        m = re.match(r"rpn\.head\.conv\.(?:(\d+)\.0\.)?(weight|bias)$", key)
+        if m:
+            out[f"rpn.head.convs.{m.group(1) or 0}.{m.group(2)}"] = value
+            continue
+        m = re.match(r"rpn\.head\.(cls_logits|bbox_pred)\.(weight|bias)$", key)
+        if m:
+            name = "objectness" if m.group(1) == "cls_logits" else "deltas"
+            out[f"rpn.head.{name}.{m.group(2)}"] = value
+            continue
+        m = re.match(r"roi_heads\.box_head\.fc(6|7)\.(weight|bias)$", key)
+        if m:
+            out[f"roi_heads.box_head.fcs.{int(m.group(1)) - 6}.{m.group(2)}"] = value
+            continue
+        m = re.match(r"roi_heads\.box_head\.(\d+)\.(0|1)\.(.+)$", key)
+        if m:  # v2: Conv2dNormActivation blocks
+            part = "conv" if m.group(2) == "0" else "norm"
+            out[f"roi_heads.box_head.convs.{m.group(1)}.{part}.{m.group(3)}"] = value
+            continue
+        m = re.match(r"roi_heads\.box_head\.(\d+)\.(weight|bias)$", key)
+        if m:  # v2: the Linear layers after Flatten, renumbered below
+            linear_heads.append((int(m.group(1)), m.group(2), value))
+            continue
+        if key == "roi_heads.box_predictor.cls_score.weight" or \
+                key == "roi_heads.box_predictor.cls_score.bias":
+            out[key] = torch.cat([value[1:], value[:1]])
+            continue
+        if key.startswith("roi_heads.box_predictor.bbox_pred."):
+            out[key] = value[4:]
+            continue
+        raise KeyError(f"unexpected key in a torchvision Faster R-CNN checkpoint: {key!r}")
+    for j, idx in enumerate(sorted({i for i, _, _ in linear_heads})):
+        for i, name, value in linear_heads:
+            if i == idx:
+                out[f"roi_heads.box_head.fcs.{j}.{name}"] = value
+    return out
+
+
+def detectron2_to_ours(checkpoint: Mapping[str, Any]) -> StateDict:
+    """detectron2 ``GeneralizedRCNN`` (FPN or C4; ``{"model": state_dict}`` or the state dict)
+    -> ours. The predictor layout (background last, K * 4 deltas) is already ours."""
+    state_dict = checkpoint.get("model", checkpoint)
+    if not isinstance(state_dict, Mapping):
+        raise TypeError("a detectron2 checkpoint is {'model': state_dict}")
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        if "anchor_generator" in key or key in ("pixel_mean", "pixel_std"):
+            continue
+        value = _as_tensor(value)
+        if key.startswith("backbone.bottom_up."):
+            for k, v in detectron2_resnet_to_ours({key[len("backbone.bottom_up."):]:
+                                                   value}).items():
+                out["backbone.bottom_up." + k] = v
+            continue
+        m = re.match(r"backbone\.fpn_(lateral|output)(\d)\.(?:(norm)\.)?(.+)$", key)
+        if m:
+            kind, level, norm, rest = m.groups()
+            dst = "lateral_convs" if kind == "lateral" else "output_convs"
+            out[f"backbone.{dst}.{int(level) - 2}.{'norm' if norm else 'conv'}.{rest}"] = value
+            continue
+        if key.startswith("backbone."):  # C4: the ResNet itself
+            for k, v in detectron2_resnet_to_ours({key[len("backbone."):]: value}).items():
+                out["backbone." + k] = v
+            continue
+        m = re.match(r"proposal_generator\.rpn_head\.conv\.(?:conv(\d+)\.)?(weight|bias)$", key)
+        if m:
+            out[f"rpn.head.convs.{m.group(1) or 0}.{m.group(2)}"] = value
+            continue
+        m = re.match(r"proposal_generator\.rpn_head\.(objectness_logits|anchor_deltas)\.(.+)$",
+                     key)
+        if m:
+            name = "objectness" if m.group(1) == "objectness_logits" else "deltas"
+            out[f"rpn.head.{name}.{m.group(2)}"] = value
+            continue
+        m = re.match(r"roi_heads\.box_head\.(conv|fc)(\d+)\.(?:(norm)\.)?(.+)$", key)
+        if m:
+            kind, j, norm, rest = m.groups()
+            if kind == "fc":
+                out[f"roi_heads.box_head.fcs.{int(j) - 1}.{rest}"] = value
+            else:
+                part = "norm" if norm else "conv"
+                out[f"roi_heads.box_head.convs.{int(j) - 1}.{part}.{rest}"] = value
+            continue
+        if key.startswith("roi_heads.res5."):
+            for k, v in detectron2_resnet_to_ours({key[len("roi_heads."):]: value}).items():
+                out["roi_heads.box_head." + k] = v
+            continue
+        if key.startswith("roi_heads.box_predictor."):
+            out[key] = value
+            continue
+        raise KeyError(f"unexpected key in a detectron2 Faster R-CNN checkpoint: {key!r}")
+    return out
+
+
+def detect_format(state_dict: Mapping[str, Any]) -> str:
+    """"torchvision", "detectron2" or "ours", from the parameter names."""
+    sd = state_dict.get("model", state_dict) if isinstance(state_dict, Mapping) else state_dict
+    keys = list(sd)
+    if any(k.startswith("proposal_generator.") for k in keys):
+        return "detectron2"
+    if any(k.startswith(("backbone.body.", "rpn.head.cls_logits")) for k in keys):
+        return "torchvision"
+    if any(k.startswith("rpn.head.objectness") for k in keys):
+        return "ours"
+    raise ValueError("cannot tell the checkpoint format from its keys, e.g. "
+                     f"{keys[:3]}")
+
+
+def to_ours(checkpoint: Mapping[str, Any]) -> StateDict:
+    """Any supported checkpoint -> our state dict."""
+    fmt = detect_format(checkpoint)
+    if fmt == "detectron2":
+        return detectron2_to_ours(checkpoint)
+    sd = checkpoint.get("model", checkpoint)
+    if fmt == "torchvision":
+        return torchvision_to_ours(sd)
+    return {k: _as_tensor(v) for k, v in sd.items()}
+
+
+def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Load a converted state dict, exactly: every model parameter and buffer must be given
+    and every given key used (``num_batches_tracked`` may be absent on either side). Shape
+    mismatches name the key and both shapes."""
+    own = model.state_dict()
+    extra = [k for k in state_dict if k not in own and not k.endswith("num_batches_tracked")]
+    missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
+    if extra or missing:
+        raise KeyError(f"checkpoint does not fit the model: missing {missing[:10]} "
+                       f"({len(missing)} in all), unexpected {extra[:10]} ({len(extra)} in all)")
+    for k, v in state_dict.items():
+        if k in own and own[k].shape != v.shape:
+            raise ValueError(f"shape mismatch for {k}: checkpoint {tuple(v.shape)}, "
+                             f"model {tuple(own[k].shape)}")
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)

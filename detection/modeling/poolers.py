@@ -1,0 +1,74 @@
+"""RoIAlign over one or several feature levels, with each box sent to one level."""
+
+import math
+from typing import List, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+
+def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
+    """Per-image boxes ``(R_i, 4)`` -> ``(sum R_i, 5)`` rows of (image index, x1, y1, x2, y2)."""
+    idx = torch.cat([torch.full((b.shape[0], 1), i, dtype=b.dtype, device=b.device)
+                     for i, b in enumerate(boxes)])
+    return torch.cat([idx, torch.cat(list(boxes))], dim=1)
+
+
+class ROIPooler(nn.Module):
+    """Pool ``output_size`` x ``output_size`` features for each box.
+
+    With several levels a box of side ``s = sqrt(area)`` goes to level
+    ``floor(canonical_level + log2(s / canonical_box_size) + eps)`` (torchvision's LevelMapper,
+    ``eps_inside_log=False``, eps 1e-6) or ``floor(canonical_level + log2(s /
+    canonical_box_size + eps))`` (detectron2, eps 1e-8), clamped to the available levels.
+
+    Args:
+        output_size: pooled side.
+        strides: stride of each level, finest first (levels must be consecutive powers of 2).
+        sampling_ratio: RoIAlign samples per bin side (0: adaptive).
+        aligned: RoIAlign's half-pixel shift (detectron2's ROIAlignV2; torchvision: False).
+    """
+
+    def __init__(
+        self, *, output_size: int, strides: Sequence[int], sampling_ratio: int = 0,
+        aligned: bool = True, canonical_box_size: float = 224.0, canonical_level: int = 4,
+        eps: float = 1e-8, eps_inside_log: bool = True,
+    ) -> None:
+        super().__init__()
+        self.output_size = (int(output_size), int(output_size))
+        self.scales = [1.0 / s for s in strides]
+        self.sampling_ratio, self.aligned = int(sampling_ratio), aligned
+        self.min_level = int(round(math.log2(strides[0])))
+        self.max_level = int(round(math.log2(strides[-1])))
+        if self.max_level - self.min_level + 1 != len(strides):
+            raise ValueError(f"pooler strides must be consecutive powers of 2, got {strides}")
+        self.canonical_box_size, self.canonical_level = canonical_box_size, canonical_level
+        self.eps, self.eps_inside_log = eps, eps_inside_log
+
+    def levels(self, rois: Tensor) -> Tensor:
+        """Level index (0 for the finest) ``(R,)`` of rois ``(R, 5)``."""
+        side = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
+        if self.eps_inside_log:
+            lvl = torch.floor(self.canonical_level
+                              + torch.log2(side / self.canonical_box_size + self.eps))
+        else:
+            lvl = torch.floor(self.canonical_level + torch.log2(side / self.canonical_box_size)
+                              + self.eps)
+        return (lvl.clamp(self.min_level, self.max_level) - self.min_level).to(torch.int64)
+
+    def forward(self, features: List[Tensor], boxes: Sequence[Tensor]) -> Tensor:
+        """features ``(N, C, H_l, W_l)`` per level, boxes per image ``(R_i, 4)`` ->
+        ``(sum R_i, C, S, S)`` in the order of the boxes."""
+        rois = boxes_to_rois(boxes).to(features[0].dtype)
+        if len(features) == 1:
+            return roi_align(features[0], rois, self.output_size, self.scales[0],
+                             self.sampling_ratio, self.aligned)
+        levels = self.levels(rois)
+        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
+        for lvl, (feat, scale) in enumerate(zip(features, self.scales)):
+            idx = torch.nonzero(levels == lvl).squeeze(1)
+            if idx.numel():
+                out[idx] = roi_align(feat, rois[idx], self.output_size, scale,
+                                     self.sampling_ratio, self.aligned).to(out.dtype)
+        return out

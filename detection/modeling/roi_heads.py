@@ -1,0 +1,229 @@
+"""Fast R-CNN heads on proposals: RoI pooling, a box head, classification and class-specific
+box regression, for FPN (``StandardROIHeads``) and C4 (``Res5BoxHead`` inside the same
+class, as detectron2's Res5ROIHeads).
+
+Mask heads plug in through ``mask_head`` (see ``MaskHead``); nothing here needs rewriting.
+"""
+
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms, box_iou
+
+from backbones.fpn import ConvNorm
+
+from .box_ops import BoxCoder, box_sizes, clip_boxes, size_limits, top_k_per_group
+from .matcher import Matcher, sample_balanced
+from .poolers import ROIPooler
+from .structures import Detections, SampledProposals
+
+
+class MaskHead(Protocol):
+    """What ``StandardROIHeads`` expects of an optional mask head (Mask R-CNN).
+
+    ``loss`` runs in training on the foreground RoIs of the sampled proposals and returns
+    its losses; ``targets`` are the (resized) per-image target dicts, e.g. with ``masks``.
+    ``predict`` runs at inference on the final boxes and returns the same detections with
+    ``masks`` set, in the coordinates of the resized image.
+    """
+
+    def loss(self, features: Dict[str, Tensor], sampled: SampledProposals,
+             targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]: ...
+
+    def predict(self, features: Dict[str, Tensor],
+                detections: List[Detections]) -> List[Detections]: ...
+
+
+class FastRCNNConvFCHead(nn.Module):
+    """``len(conv_dims)`` 3x3 convs (each conv, optional norm, ReLU), flatten, then
+    ``len(fc_dims)`` fully connected layers with ReLU. ``(R, C, S, S)`` -> ``(R, D)``."""
+
+    def __init__(self, *, in_channels: int, resolution: int, conv_dims: Sequence[int] = (),
+                 fc_dims: Sequence[int] = (1024, 1024), norm: str = "none") -> None:
+        super().__init__()
+        self.convs = nn.ModuleList()
+        for dim in conv_dims:
+            self.convs.append(ConvNorm(in_channels, dim, 3, norm))
+            nn.init.kaiming_normal_(self.convs[-1].conv.weight, mode="fan_out",
+                                    nonlinearity="relu")
+            in_channels = dim
+        size = in_channels * resolution * resolution
+        self.fcs = nn.ModuleList()
+        for dim in fc_dims:
+            fc = nn.Linear(size, dim)
+            nn.init.kaiming_uniform_(fc.weight, a=1)
+            nn.init.zeros_(fc.bias)
+            self.fcs.append(fc)
+            size = dim
+        self.out_dim = size
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        x = x.flatten(1)
+        for fc in self.fcs:
+            x = F.relu(fc(x))
+        return x
+
+
+class Res5BoxHead(nn.Module):
+    """The C4 box head: res5 on 14x14 pooled res4 features, then global average pooling.
+    ``(R, 1024, 14, 14)`` -> ``(R, 2048)``."""
+
+    def __init__(self, res5: nn.Sequential, out_dim: int) -> None:
+        super().__init__()
+        self.res5 = res5
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.res5(x).mean(dim=(2, 3))
+
+
+class FastRCNNPredictor(nn.Module):
+    """``cls_score``: K + 1 logits, background last; ``bbox_pred``: 4 deltas per foreground
+    class, ``(R, K * 4)``."""
+
+    def __init__(self, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.cls_score = nn.Linear(in_dim, num_classes + 1)
+        self.bbox_pred = nn.Linear(in_dim, num_classes * 4)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class StandardROIHeads(nn.Module):
+    """Sample proposals, pool, classify and regress; at inference, score filtering, per-class
+    NMS and top-k per image, all batched over the images.
+
+    Args:
+        in_features: feature maps to pool from (one for C4).
+        pooler, box_head, box_predictor: built parts.
+        num_classes: K, foreground classes.
+        box_coder: (10, 10, 5, 5) weights.
+        matcher: IoU 0.5 foreground / background.
+        batch_size_per_image, positive_fraction: RoI sampling in training.
+        proposal_append_gt: add the ground-truth boxes to the proposals in training.
+        smooth_l1_beta: 0 for L1 (detectron2); torchvision uses 1/9.
+        score_thresh, nms_thresh, detections_per_image: inference.
+        min_box_size: drop detections narrower or shorter than it (torchvision 1e-2; 0 off).
+        mask_head: optional, see ``MaskHead``.
+    """
+
+    def __init__(
+        self, *, in_features: Sequence[str], pooler: ROIPooler, box_head: nn.Module,
+        box_predictor: FastRCNNPredictor, num_classes: int, box_coder: BoxCoder,
+        matcher: Matcher, batch_size_per_image: int = 512, positive_fraction: float = 0.25,
+        proposal_append_gt: bool = True, smooth_l1_beta: float = 0.0,
+        score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_image: int = 100,
+        min_box_size: float = 0.0, mask_head: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = list(in_features)
+        self.pooler, self.box_head, self.box_predictor = pooler, box_head, box_predictor
+        self.num_classes = num_classes
+        self.box_coder, self.matcher = box_coder, matcher
+        self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
+        self.proposal_append_gt, self.smooth_l1_beta = proposal_append_gt, smooth_l1_beta
+        self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
+        self.detections_per_image, self.min_box_size = detections_per_image, min_box_size
+        self.mask_head = mask_head
+
+    def forward(
+        self, features: Dict[str, Tensor], proposals: List[Tensor],
+        image_sizes: List[Tuple[int, int]], targets: Optional[List[Dict[str, Tensor]]] = None,
+    ) -> Tuple[List[Detections], Dict[str, Tensor]]:
+        """proposals per image ``(R_i, 4)`` -> (detections per image in resized-image
+        coordinates (empty in training), losses (empty at inference))."""
+        feats = [features[f] for f in self.in_features]
+        if self.training:
+            if targets is None:
+                raise ValueError("the RoI heads need targets in training")
+            sampled = self.sample(proposals, targets)
+            logits, deltas = self._predict(feats, sampled.boxes)
+            losses = self.box_losses(logits, deltas, sampled, targets)
+            if self.mask_head is not None:
+                losses.update(self.mask_head.loss(features, sampled, targets))
+            return [], losses
+        logits, deltas = self._predict(feats, proposals)
+        detections = self.inference(logits, deltas, proposals, image_sizes)
+        if self.mask_head is not None:
+            detections = self.mask_head.predict(features, detections)
+        return detections, {}
+
+    def _predict(self, feats: List[Tensor], boxes: List[Tensor]) -> Tuple[Tensor, Tensor]:
+        x = self.box_head(self.pooler(feats, boxes))
+        return self.box_predictor(x.flatten(1))
+
+    @torch.no_grad()
+    def sample(self, proposals: List[Tensor],
+               targets: List[Dict[str, Tensor]]) -> SampledProposals:
+        """Match proposals (plus ground truth) to targets and sample a balanced set."""
+        boxes, labels, matched_gt = [], [], []
+        for props, t in zip(proposals, targets):
+            gt = t["boxes"].to(props.dtype)
+            if self.proposal_append_gt:
+                props = torch.cat([props, gt])
+            matched, match_labels = self.matcher(box_iou(gt, props))
+            pos, neg = sample_balanced(match_labels, self.batch_size_per_image,
+                                       self.positive_fraction)
+            idx = torch.cat([pos, neg])
+            cls = torch.full((idx.numel(),), self.num_classes, dtype=torch.int64,
+                             device=props.device)
+            if gt.shape[0] > 0:
+                cls[: pos.numel()] = t["labels"].to(props.device)[matched[pos]]
+            boxes.append(props[idx])
+            labels.append(cls)
+            matched_gt.append(matched[idx])
+        return SampledProposals(boxes=boxes, labels=labels, matched_gt=matched_gt)
+
+    def box_losses(self, logits: Tensor, deltas: Tensor, sampled: SampledProposals,
+                   targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        """CE over all sampled RoIs; smooth-L1 of the true class's deltas over foreground
+        RoIs, summed and divided by the number of sampled RoIs."""
+        labels = torch.cat(sampled.labels)
+        loss_cls = F.cross_entropy(logits, labels)
+        fg = torch.nonzero(labels < self.num_classes).squeeze(1)
+        gt_boxes = [t["boxes"].to(b.dtype)[m] if t["boxes"].shape[0] else b
+                    for t, b, m in zip(targets, sampled.boxes, sampled.matched_gt)]
+        reg_targets = self.box_coder.encode(torch.cat(gt_boxes)[fg],
+                                            torch.cat(sampled.boxes)[fg])
+        fg_deltas = deltas.view(deltas.shape[0], -1, 4)[fg, labels[fg]]
+        loss_box = F.smooth_l1_loss(fg_deltas, reg_targets, beta=self.smooth_l1_beta,
+                                    reduction="sum") / max(labels.numel(), 1)
+        return {"loss_cls": loss_cls, "loss_box_reg": loss_box}
+
+    @torch.no_grad()
+    def inference(self, logits: Tensor, deltas: Tensor, proposals: List[Tensor],
+                  image_sizes: List[Tuple[int, int]]) -> List[Detections]:
+        """logits ``(R, K + 1)``, deltas ``(R, K * 4)`` for the concatenated proposals."""
+        n, k = len(proposals), self.num_classes
+        counts = torch.tensor([p.shape[0] for p in proposals], device=logits.device)
+        image_idx = torch.repeat_interleave(torch.arange(n, device=logits.device), counts)
+        props = torch.cat(proposals)
+        boxes = self.box_coder.decode(deltas.view(-1, k, 4), props[:, None, :])  # [R, K, 4]
+        boxes = clip_boxes(boxes, size_limits(image_sizes, boxes)[image_idx][:, None, :])
+        scores = F.softmax(logits, dim=-1)[:, :k]  # [R, K]
+        boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
+        labels = torch.arange(k, device=logits.device).repeat(props.shape[0])
+        image_idx = image_idx.repeat_interleave(k)
+        keep = scores > self.score_thresh
+        if self.min_box_size > 0:
+            w, h = box_sizes(boxes)
+            keep &= (w >= self.min_box_size) & (h >= self.min_box_size)
+        keep = torch.nonzero(keep).squeeze(1)
+        keep = keep[batched_nms(boxes[keep], scores[keep], image_idx[keep] * k + labels[keep],
+                                self.nms_thresh)]
+        keep = keep[top_k_per_group(image_idx[keep], n, self.detections_per_image)]
+        per_image = torch.bincount(image_idx[keep], minlength=n).tolist()
+        return [Detections(boxes=b, scores=s, labels=lb) for b, s, lb in zip(
+            boxes[keep].split(per_image), scores[keep].split(per_image),
+            labels[keep].split(per_image))]
+
