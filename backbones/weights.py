@@ -234,6 +234,7 @@ def _infer_spec(path: Path, name: str, arch: Optional[str]) -> Optional[WeightsS
     """A spec for an unregistered file, from its parameter names; None when they do not
     tell the normalization it was trained with."""
     state_dict, meta = read_checkpoint(path)
+    state_dict, _ = _select_body(state_dict)
     try:
         fmt = detect_format(state_dict)
     except ValueError:

@@ -309,6 +309,9 @@ def test_detectron2_pkl_with_numpy_arrays(tmp_path):
     d2["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(3, 4).numpy()
     path = tmp_path / "model_final.pkl"
     path.write_bytes(pickle.dumps({"model": d2, "__author__": "Caffe2"}, protocol=2))
+    spec = resolve_weights(str(path))
+    assert (spec.arch, spec.style, spec.input_format, spec.num_classes) == (
+        "resnet18", "caffe", "BGR", 10)
     model = build_backbone("resnet18", num_classes=10)
     report = load_pretrained(model, str(path))
     assert report.format == "detectron2" and report.dropped == 1
