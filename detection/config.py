@@ -107,6 +107,12 @@ def _coerce(full_key: str, default: Any, value: Any, source: str | None) -> Any:
             return value
         raise fail()
     if isinstance(default, (list, tuple)):
+        if isinstance(value, str) and value.strip()[:1] in "([":
+            # detectron2's YAML files write tuples as Python literals: ("coco_2017_train",)
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                raise fail() from None
         if not isinstance(value, (list, tuple)):
             raise fail()
         templates = {type(x) for x in default}
@@ -166,6 +172,9 @@ def _merge_dict(
                 )
             _merge_dict(root, default, value, full_key + ".", origins, default_source)
         else:
+            if isinstance(value, str) and default is not None and not isinstance(default, str):
+                # YAML leaves "(640, 672)" or "1e-4" as strings; read them as Python literals
+                value = _parse_cli_value(value)
             node[key] = _coerce(full_key, default, value, source)
 
 
@@ -314,6 +323,7 @@ def _defaults() -> CfgNode:
     _C.SOLVER.WARMUP_FACTOR = 0.001
     _C.SOLVER.WARMUP_METHOD = "linear"
     _C.SOLVER.CHECKPOINT_PERIOD = 5000
+    _C.SOLVER.LOG_PERIOD = 20  # iterations between console / metrics.json lines
     _C.SOLVER.CLIP_GRADIENTS = CfgNode()
     _C.SOLVER.CLIP_GRADIENTS.ENABLED = False
     _C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "norm"  # "norm" or "value"

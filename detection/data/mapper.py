@@ -2,7 +2,8 @@
 
 Output of :class:`DatasetMapper` (a plain dict)::
 
-    "image":     uint8 Tensor[3, H, W], RGB; resized and flipped in training, the original
+    "image":     uint8 Tensor[3, H, W], RGB; resized (unless ``resize=False``, when the model
+                 resizes) and flipped in training, the original
                  image in evaluation (the model resizes and maps predictions back)
     "height", "width": int, the ORIGINAL image size
     "image_id":  the record's image id
@@ -84,6 +85,7 @@ class DatasetMapper:
         hue: float = 0.02,
         mask_on: bool = False,
         skip_missing_images: bool = False,
+        resize: bool = True,
     ) -> None:
         if min_size_sampling not in ("choice", "range"):
             raise ValueError(f"min_size_sampling must be 'choice' or 'range': {min_size_sampling}")
@@ -99,6 +101,7 @@ class DatasetMapper:
         self.jitter = (brightness, contrast, saturation, hue)
         self.mask_on = mask_on
         self.skip_missing_images = skip_missing_images
+        self.resize = resize
         self.num_skipped_images = 0
 
     @classmethod
@@ -120,6 +123,8 @@ class DatasetMapper:
             hue=p.HUE,
             mask_on=bool(model.get("MASK_ON", False)) if model is not None else False,
             skip_missing_images=cfg.DATALOADER.SKIP_MISSING_IMAGES,
+            # when the model resizes training images itself, the loader must not
+            resize=not cfg.INPUT.get("RESIZE_IN_MODEL_TRAIN", False),
         )
 
     def _short_edge(self, rng: np.random.Generator) -> float:
@@ -129,9 +134,11 @@ class DatasetMapper:
         return float(self.min_size_train[int(rng.integers(len(self.min_size_train)))])
 
     def _transforms(self, h: int, w: int, rng: np.random.Generator) -> A.Compose:
-        scale = resize_scale(h, w, self._short_edge(rng), self.max_size_train)
-        nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-        ops: list[A.BasicTransform] = [A.Resize(nh, nw)]
+        ops: list[A.BasicTransform] = []
+        if self.resize:  # shortest edge to a random size, longest capped; halves round up
+            scale = resize_scale(h, w, self._short_edge(rng), self.max_size_train)
+            nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+            ops.append(A.Resize(nh, nw))
         if rng.random() < self.hflip_prob:  # decided here so that rng alone sets the outcome
             ops.append(A.HorizontalFlip(p=1.0))
         if self.photometric:

@@ -123,3 +123,15 @@ def test_resolve_config_path(tmp_path, monkeypatch):
     assert resolve_config_path(str(direct)) == direct.resolve()
     with pytest.raises(FileNotFoundError, match="frcnn_r50.yaml"):
         resolve_config_path("frcnn_r5O.yaml")
+
+
+def test_yaml_strings_read_as_literals(tmp_path):
+    f = _write(
+        tmp_path / "c.yaml",
+        'INPUT:\n  MIN_SIZE_TRAIN: (160, 192)\nSOLVER:\n  WEIGHT_DECAY: 1e-4\nOUTPUT_DIR: "(x)"\n',
+    )
+    cfg = get_cfg()
+    cfg.merge_from_file(str(f))
+    assert cfg.INPUT.MIN_SIZE_TRAIN == (160, 192)
+    assert cfg.SOLVER.WEIGHT_DECAY == 1e-4
+    assert cfg.OUTPUT_DIR == "(x)"  # a string key keeps its string

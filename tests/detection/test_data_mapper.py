@@ -119,3 +119,14 @@ def test_missing_image_error_or_skip(rect_dataset, tmp_path):
     ds = MapDataset([rec, rect_dataset], mapper, seed=0)
     out = ds[(0, 0)]  # replaced by a readable record
     assert out["image_id"] == 1
+
+
+def test_no_resize_when_the_model_resizes(rect_dataset):
+    cfg = get_cfg()
+    cfg.INPUT.HFLIP_PROB = 1.0
+    if "RESIZE_IN_MODEL_TRAIN" in cfg.INPUT:
+        cfg.INPUT.RESIZE_IN_MODEL_TRAIN = True
+        out = DatasetMapper.from_config(cfg, True)(rect_dataset, np.random.default_rng(0))
+        assert tuple(out["image"].shape) == (3, 60, 90)
+        box = out["instances"]["boxes"][0].tolist()
+        assert np.allclose(box, [60, 6, 86, 20], atol=1e-3)  # flipped only
