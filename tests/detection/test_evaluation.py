@@ -204,3 +204,39 @@ def test_submission_file(tmp_path):
         assert json.loads(f.read(f.namelist()[0])) == results
     with pytest.raises(ValueError):
         write_coco_submission(results, tmp_path, alg="my_model")
+
+
+def _dist_worker(rank, world, init_file, gt_path, inputs, outputs, out_file):
+    import torch.distributed as dist
+
+    from detection.data.samplers import InferenceSampler
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        ev = COCOEvaluator((gt_path, None))
+        for i in InferenceSampler(len(inputs)):
+            ev.process([inputs[i]], [outputs[i]])
+        ev.process([inputs[0]], [outputs[0]])  # a repeated image: deduplicated
+        res = ev.evaluate()
+        if rank == 0:
+            with open(out_file, "w") as f:
+                json.dump(res["bbox"]["AP"], f)
+        else:
+            assert res == {}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_gather_equals_single_process(gt, tmp_path):
+    path, images, anns = gt
+    inputs, outputs = _outputs(images, anns, np.random.default_rng(2))
+    single = COCOEvaluator((path, None))
+    single.process(inputs, outputs)
+    expected = single.evaluate()["bbox"]["AP"]
+    out_file = tmp_path / "ap.json"
+    torch.multiprocessing.spawn(
+        _dist_worker,
+        args=(2, str(tmp_path / "init"), str(path), inputs, outputs, str(out_file)),
+        nprocs=2,
+    )
+    assert json.loads(out_file.read_text()) == pytest.approx(expected)
