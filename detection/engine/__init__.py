@@ -1,0 +1,1 @@
+"""Training engine: solver, checkpoints, distributed helpers, the loop and its runner."""

@@ -1,0 +1,120 @@
+"""Where training metrics go: the console (with ETA), ``metrics.json`` (one JSON object per
+line), TensorBoard event files, and PNG plots of the loss and AP curves."""
+
+import datetime
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+logger = logging.getLogger("detection.train")
+
+
+class MetricsWriter:
+    """Writes metrics from the main process. ``write(iteration, scalars)`` appends a JSON
+    line and TensorBoard scalars; ``log(...)`` prints a console line with ETA."""
+
+    def __init__(self, output_dir: Path, *, max_iter: int, start_iter: int = 0,
+                 tensorboard: bool = True) -> None:
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.json_path = self.output_dir / "metrics.json"
+        self.max_iter, self.start_iter = max_iter, start_iter
+        self._start_time = time.perf_counter()
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency; keep training if it is broken
+                logger.warning("tensorboard is not importable: no event files are written")
+
+    def write(self, iteration: int, scalars: Dict[str, float]) -> None:
+        record = {"iteration": iteration, **{k: float(v) for k, v in scalars.items()}}
+        with open(self.json_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in scalars.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, iteration)
+            self._tb.flush()
+
+    def eta(self, iteration: int) -> str:
+        done = iteration - self.start_iter
+        if done <= 0:
+            return "?"
+        per_iter = (time.perf_counter() - self._start_time) / done
+        return str(datetime.timedelta(seconds=int(per_iter * (self.max_iter - iteration))))
+
+    def log(self, iteration: int, scalars: Dict[str, float]) -> None:
+        losses = "  ".join(f"{k}: {v:.4f}" for k, v in scalars.items() if k.startswith("loss"))
+        lr = scalars.get("lr", float("nan"))
+        logger.info("iter %d/%d  eta %s  %s  lr %.3g", iteration, self.max_iter,
+                    self.eta(iteration), losses, lr)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(json_path: Path) -> List[dict]:
+    """The JSON lines of ``metrics.json``; a line cut off by a crash is skipped."""
+    records = []
+    with open(json_path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def plot_curves(output_dir: Path, records: Optional[List[dict]] = None) -> List[Path]:
+    """``loss.png`` (every loss against iteration) and ``ap.png`` (bbox/segm AP against
+    iteration, when evaluations were logged) in ``output_dir``. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output_dir = Path(output_dir)
+    if records is None:
+        path = output_dir / "metrics.json"
+        if not path.is_file():
+            return []
+        records = read_metrics(path)
+    written = []
+    loss_keys = sorted({k for r in records for k in r if k.startswith("loss")})
+    if loss_keys:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for k in loss_keys:
+            pts = [(r["iteration"], r[k]) for r in records if k in r]
+            ax.plot(*zip(*pts), label=k, lw=1.2 if k == "total_loss" else 0.8)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(output_dir / "loss.png", dpi=100)
+        plt.close(fig)
+        written.append(output_dir / "loss.png")
+    ap_keys = [k for k in ("bbox/AP", "bbox/AP50", "segm/AP", "sem_seg/mIoU")
+               if any(k in r for r in records)]
+    if ap_keys:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for k in ap_keys:
+            pts = [(r["iteration"], r[k]) for r in records if k in r]
+            ax.plot(*zip(*pts), marker="o", label=k)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("AP (0-100)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(output_dir / "ap.png", dpi=100)
+        plt.close(fig)
+        written.append(output_dir / "ap.png")
+    return written

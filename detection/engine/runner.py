@@ -1,0 +1,236 @@
+"""What ``tools/train_det.py`` and ``tools/eval_det.py`` do: set up a run from a config,
+train with periodic checkpoints and evaluation, evaluate a model on the test datasets."""
+
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed as du
+from .checkpoint import Checkpointer, load_checkpoint
+from .events import MetricsWriter, plot_curves
+from .solver import build_lr_scheduler, build_optimizer
+from .trainer import Trainer, flatten_results
+
+logger = logging.getLogger("detection.train")
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Log lines that do not break a tqdm progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(output_dir: Optional[Path] = None) -> None:
+    """INFO to the console and ``output_dir/log.txt`` on the main process; warnings elsewhere."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_detkit", False):
+            root.removeHandler(h)
+    level = logging.INFO if du.is_main_process() else logging.WARNING
+    root.setLevel(level)
+    fmt = logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%m/%d %H:%M:%S")
+    console = _TqdmHandler()
+    console.setFormatter(fmt)
+    console._detkit = True
+    root.addHandler(console)
+    if output_dir is not None and du.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(output_dir / "log.txt")
+        fh.setFormatter(fmt)
+        fh._detkit = True
+        root.addHandler(fh)
+
+
+def seed_all(seed: int) -> None:
+    """Seed every RNG; each rank gets its own stream (seed + rank)."""
+    s = int(seed) + du.get_rank()
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def attach_dataset_metadata(cfg: Any) -> None:
+    """Copy the training dataset's class names and category ids into ``cfg.MODEL`` (so that
+    checkpoints carry them) and check the class count."""
+    from detection.data.catalog import get_metadata
+
+    if cfg.MODEL.CLASS_NAMES or not cfg.DATASETS.TRAIN:
+        return
+    meta = get_metadata(cfg.DATASETS.TRAIN[0])
+    names = list(meta.get("thing_classes", []))
+    if not names:
+        return
+    ids = [int(i) for i in meta.get("contiguous_id_to_dataset_id", range(len(names)))]
+    if cfg.MODEL.ROI_HEADS.NUM_CLASSES != len(names):
+        raise ValueError(
+            f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but dataset "
+            f"{cfg.DATASETS.TRAIN[0]!r} has {len(names)} categories; set it to {len(names)}"
+        )
+    was_frozen = cfg.is_frozen()
+    cfg.defrost()
+    cfg.MODEL.CLASS_NAMES = names
+    cfg.MODEL.CATEGORY_IDS = ids
+    if was_frozen:
+        cfg.freeze()
+
+
+def load_weights(model: nn.Module, weights: str) -> None:
+    """Load ``MODEL.WEIGHTS`` into a built detector: a checkpoint of ours, or a torchvision /
+    detectron2 detector file or registered name (converted on the fly)."""
+    if not weights:
+        return
+    path = Path(weights)
+    if path.is_file() and path.suffix in (".pth", ".pt"):
+        state = load_checkpoint(path)
+        if isinstance(state, dict) and "model" in state and "config" in state:
+            model.load_state_dict(state["model"])
+            logger.info("Loaded weights from %s", path)
+            return
+    from detection.modeling.convert import load_detector_weights
+
+    load_detector_weights(model, weights)
+
+
+def build_model_from_cfg(cfg: Any) -> nn.Module:
+    from detection.modeling.build import build_model
+
+    return build_model(cfg)
+
+
+def inference_on_dataset(model: nn.Module, data_loader, evaluator) -> Dict[str, Any]:
+    """Run ``model`` over ``data_loader`` (this rank's shard) and return
+    ``evaluator.evaluate()`` (gathered over ranks; {} off the main process)."""
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    evaluator.reset()
+    start = time.perf_counter()
+    n = 0
+    with torch.no_grad():
+        for batch in tqdm(data_loader, desc="eval", disable=not du.is_main_process(),
+                          dynamic_ncols=True):
+            device = next(model.parameters()).device
+            outputs = model([d["image"].to(device) for d in batch])
+            outputs = [{k: v.cpu() for k, v in o.items()} for o in outputs]
+            evaluator.process(batch, outputs)
+            n += len(batch)
+    elapsed = time.perf_counter() - start
+    logger.info("Inference on %d images took %.1f s (%.3f s / image on this rank)", n, elapsed,
+                elapsed / max(n, 1))
+    results = evaluator.evaluate()
+    model.train(was_training)
+    return results
+
+
+def build_evaluator(cfg: Any, dataset_name: str, output_dir: Optional[Path] = None):
+    from detection.evaluation.coco_evaluation import COCOEvaluator
+
+    tasks = ("bbox", "segm") if cfg.MODEL.get("MASK_ON", False) else ("bbox",)
+    return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_dir)
+
+
+def evaluate(cfg: Any, model: nn.Module) -> Dict[str, Any]:
+    """COCO evaluation of ``model`` on every dataset of ``cfg.DATASETS.TEST``."""
+    from detection.data.build import build_test_loader
+
+    unwrapped = getattr(model, "module", model)
+    results: Dict[str, Any] = {}
+    for name in cfg.DATASETS.TEST:
+        loader = build_test_loader(cfg, name)
+        out_dir = Path(cfg.OUTPUT_DIR) / "inference" / name
+        evaluator = build_evaluator(cfg, name, out_dir)
+        res = inference_on_dataset(unwrapped, loader, evaluator)
+        if du.is_main_process():
+            for task, metrics in res.items():
+                logger.info("%s %s: %s", name, task, format_ap_line(metrics))
+        results[name] = res
+    du.synchronize()
+    return results if len(results) != 1 else next(iter(results.values()))
+
+
+def format_ap_line(metrics: Dict[str, float]) -> str:
+    keys = [k for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in metrics]
+    return "  ".join(f"{k} {metrics[k]:.2f}" for k in keys)
+
+
+def format_ap_table(results: Dict[str, Dict[str, float]]) -> str:
+    """A markdown table: one row per task, the six COCO AP numbers (0-100)."""
+    keys = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    lines = ["| task | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for task, m in results.items():
+        if isinstance(m, dict) and "AP" in m:
+            lines.append(f"| {task} | " + " | ".join(f"{m.get(k, float('nan')):.2f}"
+                                                    for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def train(cfg: Any, *, resume: bool = False) -> Dict[str, Any]:
+    """Train the detector ``cfg`` describes, evaluating periodically and at the end.
+    Returns the final evaluation results (on the main process)."""
+    from detection.config import save_config
+    from detection.data.build import build_train_loader
+
+    output_dir = Path(cfg.OUTPUT_DIR)
+    attach_dataset_metadata(cfg)
+    if du.is_main_process():
+        save_config(cfg, output_dir)
+    seed_all(cfg.SEED)
+    model = build_model_from_cfg(cfg)
+    if cfg.MODEL.WEIGHTS and not resume:
+        load_weights(model, cfg.MODEL.WEIGHTS)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    checkpointer = Checkpointer(
+        output_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+        config_yaml=cfg.dump(), metadata=model.metadata.to_dict(),
+    )
+    start_iter = checkpointer.resume() if resume else 0
+    if du.get_world_size() > 1:
+        device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    else:
+        train_model = model
+    max_iter = int(cfg.SOLVER.MAX_ITER)
+    writer = MetricsWriter(output_dir, max_iter=max_iter, start_iter=start_iter) \
+        if du.is_main_process() else None
+    clip = None
+    if cfg.SOLVER.CLIP_GRADIENTS.ENABLED:
+        clip = {"type": cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE,
+                "value": cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE,
+                "norm_type": cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE}
+    trainer = Trainer(
+        model=train_model, optimizer=optimizer, scheduler=scheduler,
+        data_loader=build_train_loader(cfg, start_iter=start_iter), checkpointer=checkpointer,
+        max_iter=max_iter, start_iter=start_iter,
+        checkpoint_period=int(cfg.SOLVER.CHECKPOINT_PERIOD),
+        eval_period=int(cfg.TEST.EVAL_PERIOD), evaluate_fn=lambda: evaluate(cfg, model),
+        writer=writer, log_period=int(cfg.SOLVER.LOG_PERIOD), clip_grad=clip,
+        amp=bool(cfg.SOLVER.AMP.ENABLED),
+    )
+    t0 = time.perf_counter()
+    trainer.run()
+    train_time = time.perf_counter() - t0
+    logger.info("Training took %.1f s", train_time)
+    results = evaluate(cfg, model) if cfg.DATASETS.TEST else {}
+    if writer is not None:
+        flat = flatten_results(results if cfg.DATASETS.TEST and len(cfg.DATASETS.TEST) == 1
+                               else {})
+        flat["train_time"] = train_time
+        writer.write(max_iter, flat)
+        writer.close()
+        plot_curves(output_dir)
+    return results
