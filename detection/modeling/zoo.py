@@ -1,0 +1,65 @@
+"""Published detector checkpoints by name: where to get them, which config reproduces them, and
+the box AP their authors report on COCO val2017."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+_D2 = "https://dl.fbaipublicfiles.com/detectron2/COCO-Detection"
+
+
+@dataclass(frozen=True)
+class DetectorWeights:
+    """A detector checkpoint: ``source`` is "torchvision" or "detectron2" (its file format),
+    ``config`` the YAML (relative to ``configs/``) that matches its conventions."""
+
+    name: str
+    url: str
+    source: str
+    config: str
+    box_ap: float
+    sha256_prefix: Optional[str] = None  # torchvision files carry 8 hex digits of it
+
+    @property
+    def config_path(self) -> Path:
+        return CONFIGS / self.config
+
+
+_ZOO: Dict[str, DetectorWeights] = {}
+
+
+def _register(w: DetectorWeights) -> None:
+    _ZOO[w.name] = w
+
+
+_register(DetectorWeights(
+    "torchvision/fasterrcnn_resnet50_fpn.coco_v1",
+    "https://download.pytorch.org/models/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth",
+    "torchvision", "torchvision/fasterrcnn_resnet50_fpn.yaml", 37.0, "258fb6c6"))
+_register(DetectorWeights(
+    "torchvision/fasterrcnn_resnet50_fpn_v2.coco_v1",
+    "https://download.pytorch.org/models/fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth",
+    "torchvision", "torchvision/fasterrcnn_resnet50_fpn_v2.yaml", 46.7, "dd69338a"))
+for _name, _path, _ap in (
+    ("faster_rcnn_R_50_C4_1x", "137257644/model_final_721ade.pkl", 35.7),
+    ("faster_rcnn_R_50_FPN_1x", "137257794/model_final_b275ba.pkl", 37.9),
+    ("faster_rcnn_R_50_C4_3x", "137849393/model_final_f97cb7.pkl", 38.4),
+    ("faster_rcnn_R_50_FPN_3x", "137849458/model_final_280758.pkl", 40.2),
+    ("faster_rcnn_R_101_C4_3x", "138204752/model_final_298dad.pkl", 41.1),
+    ("faster_rcnn_R_101_FPN_3x", "137851257/model_final_f6e8b1.pkl", 42.0),
+):
+    _register(DetectorWeights(f"detectron2/{_name}", f"{_D2}/{_name}/{_path}", "detectron2",
+                              f"detectron2/{_name}.yaml", _ap))
+
+
+def list_detector_weights() -> List[str]:
+    return sorted(_ZOO)
+
+
+def get_detector_weights(name: str) -> DetectorWeights:
+    """The registered checkpoint ``name``; the error lists the valid names."""
+    if name not in _ZOO:
+        raise KeyError(f"unknown detector weights {name!r}; registered: "
+                       f"{', '.join(list_detector_weights())}")
+    return _ZOO[name]
