@@ -13,8 +13,8 @@ import warnings
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
 
-from backbones import FPN  # noqa: E402, build_backbone, list_backbones
-from backbones.analysis import format_table, part_table
+from backbones import FPN, build_backbone, list_backbones  # noqa: E402
+from backbones.analysis import format_table, part_table  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -29,7 +29,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-only", action="store_true",
                         help="only evaluate MODEL.WEIGHTS on DATASETS.TEST")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag in ("--resume", "--eval-only"):  # also accepted after the KEY VALUE pairs
+        while flag in args.opts:
+            args.opts.remove(flag)
+            setattr(args, flag[2:].replace("-", "_"), True)
+    return args
 
 
 def main(argv=None) -> int:
@@ -45,7 +50,7 @@ def main(argv=None) -> int:
         runner.load_weights(model, cfg.MODEL.WEIGHTS)
         results = runner.evaluate(cfg, model)
     else:
-        results = runner.train(cfg, resume=args.resume)
+        _, results = runner.train(cfg, resume=args.resume)
     if du.is_main_process() and results:
         print(runner.format_ap_table(results))
     return 0

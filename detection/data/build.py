@@ -107,6 +107,9 @@ def build_train_loader(
         collate_fn=trivial_batch_collator,
         worker_init_fn=_worker_init(seed + 7919 * rank),
         persistent_workers=workers > 0,
+        # its own generator: creating the iterator must not draw from the global torch RNG,
+        # whose state a resumed run restores from the checkpoint
+        generator=torch.Generator().manual_seed(seed + 7919 * rank),
     )
 
 

@@ -7,6 +7,9 @@ Built-in names:
   ``$DETKIT_DATASETS``, else ``./datasets``; resolved when the dataset is loaded.
 - ``shapes_train``, ``shapes_val``: the synthetic shapes set (:mod:`detection.data.shapes`),
   generated on first use under ``$DETKIT_CACHE`` or ``~/.cache/detkit/shapes``.
+
+Any COCO-format json works without code by naming it ``JSON_FILE:IMAGE_DIR`` (for example
+``DATASETS.TRAIN ("data/train.json:data/images",)``): such a name registers itself on first use.
 """
 
 from __future__ import annotations
@@ -45,10 +48,24 @@ def datasets_root() -> Path:
     return Path(_ROOT_OVERRIDE or os.environ.get("DETKIT_DATASETS") or "./datasets").expanduser()
 
 
+def _register_path_name(name: str) -> bool:
+    """Register ``JSON_FILE:IMAGE_DIR`` on first use; True when ``name`` has that form."""
+    json_part, sep, image_dir = name.rpartition(":")
+    if not sep or not json_part.endswith(".json"):
+        return False
+    if not Path(json_part).expanduser().is_file():
+        raise FileNotFoundError(f"Dataset '{name}': json file {json_part} does not exist")
+    if not Path(image_dir).expanduser().is_dir():
+        raise FileNotFoundError(f"Dataset '{name}': image folder {image_dir} does not exist")
+    register_coco_instances(name, Path(json_part).expanduser(), Path(image_dir).expanduser())
+    return True
+
+
 def _unknown(name: str) -> KeyError:
     close = difflib.get_close_matches(name, list(_LOADERS), n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return KeyError(f"Dataset '{name}' is not registered.{hint} Registered: {sorted(_LOADERS)}")
+    return KeyError(f"Dataset '{name}' is not registered.{hint} Registered: {sorted(_LOADERS)}; "
+                    "or name a COCO json and its image folder as 'JSON_FILE:IMAGE_DIR'")
 
 
 def register_dataset(
@@ -112,7 +129,7 @@ class DatasetCatalog:
 
     @staticmethod
     def get(name: str) -> list[dict]:
-        if name not in _LOADERS:
+        if name not in _LOADERS and not _register_path_name(name):
             raise _unknown(name)
         return _LOADERS[name]()
 
@@ -131,7 +148,7 @@ class DatasetCatalog:
 
 def get_metadata(name: str) -> dict[str, Any]:
     """Metadata of a registered dataset (``thing_classes``, id maps, json_file, ...); a copy."""
-    if name not in _LOADERS:
+    if name not in _LOADERS and not _register_path_name(name):
         raise _unknown(name)
     if name not in _METADATA and name in _METADATA_LOADERS:
         _METADATA[name] = _METADATA_LOADERS[name]()

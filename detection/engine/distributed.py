@@ -7,7 +7,7 @@ torchrun's environment everything runs in one process.
 
 import datetime
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -58,10 +58,12 @@ def all_gather_object(obj: Any) -> List[Any]:
     return out
 
 
-def any_rank(flag: bool, device: torch.device = torch.device("cpu")) -> bool:
+def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
     """True on every rank when ``flag`` is true on any rank (so that all ranks stop together)."""
     if not is_initialized() or get_world_size() == 1:
         return flag
+    if device is None or dist.get_backend() == "gloo":
+        device = torch.device("cpu")
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
@@ -78,3 +80,14 @@ def reduce_mean(values: Dict[str, float]) -> Dict[str, float]:
     dist.all_reduce(t)
     t /= get_world_size()
     return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank. DDP keeps
+    parameters identical, but each rank's last forward updates its own statistics; do this
+    before evaluating or saving so that every replica is the same model."""
+    if not is_initialized() or get_world_size() == 1:
+        return
+    module = getattr(model, "module", model)
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src=src)

@@ -3,10 +3,11 @@ train with periodic checkpoints and evaluation, evaluate a model on the test dat
 
 import logging
 import random
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -151,7 +152,7 @@ def evaluate(cfg: Any, model: nn.Module) -> Dict[str, Any]:
     results: Dict[str, Any] = {}
     for name in cfg.DATASETS.TEST:
         loader = build_test_loader(cfg, name)
-        out_dir = Path(cfg.OUTPUT_DIR) / "inference" / name
+        out_dir = Path(cfg.OUTPUT_DIR) / "inference" / dataset_dir_name(name)
         evaluator = build_evaluator(cfg, name, out_dir)
         res = inference_on_dataset(unwrapped, loader, evaluator)
         if du.is_main_process():
@@ -160,6 +161,13 @@ def evaluate(cfg: Any, model: nn.Module) -> Dict[str, Any]:
         results[name] = res
     du.synchronize()
     return results if len(results) != 1 else next(iter(results.values()))
+
+
+def dataset_dir_name(name: str) -> str:
+    """A folder name for a dataset name (``JSON_FILE:IMAGE_DIR`` names become the json's stem)."""
+    if ":" in name and name.rpartition(":")[0].endswith(".json"):
+        name = Path(name.rpartition(":")[0]).stem
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 def format_ap_line(metrics: Dict[str, float]) -> str:
@@ -178,9 +186,9 @@ def format_ap_table(results: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def train(cfg: Any, *, resume: bool = False) -> Dict[str, Any]:
+def train(cfg: Any, *, resume: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:
     """Train the detector ``cfg`` describes, evaluating periodically and at the end.
-    Returns the final evaluation results (on the main process)."""
+    Returns the trained model and the final evaluation results ({} off the main process)."""
     from detection.config import save_config
     from detection.data.build import build_train_loader
 
@@ -233,4 +241,4 @@ def train(cfg: Any, *, resume: bool = False) -> Dict[str, Any]:
         writer.write(max_iter, flat)
         writer.close()
         plot_curves(output_dir)
-    return results
+    return model, results

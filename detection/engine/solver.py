@@ -26,7 +26,7 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     ``SOLVER.WEIGHT_DECAY_NORM`` (0 by default), everything else ``SOLVER.WEIGHT_DECAY``."""
     decay, no_decay = [], []
     for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
+        for p in module.parameters(recurse=False):
             if not p.requires_grad:
                 continue
             (no_decay if isinstance(module, _NORMS) else decay).append(p)

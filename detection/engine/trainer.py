@@ -127,19 +127,22 @@ class Trainer:
                         self.writer.write(it, means)
                         self.writer.log(it, means)
                 if (self.checkpointer is not None and self.checkpoint_period
-                        and it % self.checkpoint_period == 0 and it < self.max_iter
-                        and du.is_main_process()):
-                    self.checkpointer.save(f"model_{it:07d}", it)
+                        and it % self.checkpoint_period == 0 and it < self.max_iter):
+                    du.broadcast_buffers(self.model)
+                    if du.is_main_process():
+                        self.checkpointer.save(f"model_{it:07d}", it)
                 if self.evaluate_fn is not None and self.eval_period and (
                         it % self.eval_period == 0 and it < self.max_iter):
                     self._evaluate(it)
         finally:
             bar.close()
+        du.broadcast_buffers(self.model)
         if self.checkpointer is not None and du.is_main_process():
             self.checkpointer.save("model_final", self.iteration)
         du.synchronize()
 
     def _evaluate(self, it: int) -> Dict[str, float]:
+        du.broadcast_buffers(self.model)
         results = self.evaluate_fn()
         self.model.train()
         flat = flatten_results(results)

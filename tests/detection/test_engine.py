@@ -1,0 +1,233 @@
+"""Training engine: exact resume, NaN stop, schedules, DDP over gloo, and the command line."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from detection.config import load_config
+from detection.data import shapes
+from detection.engine import runner
+from detection.engine.checkpoint import load_checkpoint
+from detection.engine.solver import build_lr_scheduler, build_optimizer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    p = shapes.ensure_shapes_dataset(root=root, num_train=12, num_val=6, image_size=(96, 128))
+    return f"{p.train_json}:{p.train_images}", f"{p.val_json}:{p.val_images}"
+
+
+def tiny_opts(tiny_data, out, **extra):
+    train, val = tiny_data
+    opts = {
+        "DATASETS.TRAIN": f"('{train}',)", "DATASETS.TEST": f"('{val}',)",
+        "DATALOADER.NUM_WORKERS": 0, "SOLVER.IMS_PER_BATCH": 2, "SOLVER.MAX_ITER": 6,
+        "SOLVER.WARMUP_ITERS": 2, "SOLVER.CHECKPOINT_PERIOD": 3, "SOLVER.LOG_PERIOD": 1,
+        "INPUT.MIN_SIZE_TRAIN": "(96,)", "INPUT.MAX_SIZE_TRAIN": 128,
+        "INPUT.MIN_SIZE_TEST": 96, "INPUT.MAX_SIZE_TEST": 128,
+        "MODEL.FPN.OUT_CHANNELS": 32, "MODEL.ROI_BOX_HEAD.FC_DIM": 64,
+        "OUTPUT_DIR": str(out),
+    }
+    opts.update(extra)
+    flat = []
+    for k, v in opts.items():
+        flat += [k, str(v)]
+    return flat
+
+
+def tiny_cfg(tiny_data, out, **extra):
+    return load_config("faster_rcnn_r18_fpn_shapes.yaml", tiny_opts(tiny_data, out, **extra))
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_path,
+                                                               monkeypatch):
+    straight = tiny_cfg(tiny_data, tmp_path / "straight", **{"DATASETS.TEST": "()"})
+    runner.train(straight)
+    want = load_checkpoint(tmp_path / "straight" / "model_final.pth")
+
+    # A run killed during iteration 5, after the checkpoint at iteration 3 ...
+    import detection.data.build as data_build
+
+    real = data_build.build_train_loader
+
+    def crashing_loader(cfg, **kw):
+        def gen():
+            for i, batch in enumerate(real(cfg, **kw)):
+                if i == 4:
+                    raise KeyboardInterrupt("killed")
+                yield batch
+        return gen()
+
+    killed = tiny_cfg(tiny_data, tmp_path / "resumed", **{"DATASETS.TEST": "()"})
+    monkeypatch.setattr(data_build, "build_train_loader", crashing_loader)
+    with pytest.raises(KeyboardInterrupt):
+        runner.train(killed)
+    monkeypatch.setattr(data_build, "build_train_loader", real)
+    assert (tmp_path / "resumed" / "last_checkpoint").read_text() == "model_0000003.pth"
+    assert not (tmp_path / "resumed" / "model_final.pth").exists()
+    # ... and resumed, continues to the same weights.
+    runner.train(tiny_cfg(tiny_data, tmp_path / "resumed", **{"DATASETS.TEST": "()"}),
+                 resume=True)
+    got = load_checkpoint(tmp_path / "resumed" / "model_final.pth")
+    assert got["iteration"] == want["iteration"] == 6
+    for k, v in want["model"].items():
+        assert torch.equal(got["model"][k], v), k
+    assert got["optimizer"]["param_groups"][0]["lr"] == want["optimizer"]["param_groups"][0][
+        "lr"]
+    # the checkpoint alone says what the model is
+    assert "NUM_CLASSES: 4" in got["config"]
+    assert got["metadata"]["class_names"] == ["circle", "rectangle", "triangle", "cross"]
+
+
+class _NaNAfter(torch.nn.Module):
+    """The real detector, whose losses turn NaN from the ``n``-th training call on."""
+
+    def __init__(self, model, n):
+        super().__init__()
+        self.model, self.n, self.calls = model, n, 0
+
+    def forward(self, images, targets=None):
+        losses = self.model(images, targets)
+        self.calls += 1
+        if self.calls >= self.n:
+            losses["loss_box_reg"] = losses["loss_box_reg"] * float("nan")
+        return losses
+
+
+def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
+    from detection.data.build import build_train_loader
+    from detection.engine.checkpoint import Checkpointer
+    from detection.engine.trainer import Trainer
+
+    cfg = tiny_cfg(tiny_data, tmp_path)
+    runner.attach_dataset_metadata(cfg)
+    model = runner.build_model_from_cfg(cfg)
+    opt = build_optimizer(cfg, model)
+    sched = build_lr_scheduler(cfg, opt)
+    ckpt = Checkpointer(tmp_path, model=model, optimizer=opt, scheduler=sched)
+    trainer = Trainer(model=_NaNAfter(model, 5), optimizer=opt, scheduler=sched,
+                      data_loader=build_train_loader(cfg), checkpointer=ckpt, max_iter=6,
+                      checkpoint_period=3, progress=False)
+    with pytest.raises(FloatingPointError, match=r"iteration 5: .*loss_box_reg=nan"):
+        trainer.run()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000003.pth"
+    state = load_checkpoint(tmp_path / "model_0000003.pth")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "model_final.pth").exists()
+
+
+def test_warmup_multistep_and_cosine_schedules():
+    cfg = load_config(None, ["SOLVER.MAX_ITER", "100", "SOLVER.STEPS", "(60, 80)",
+                             "SOLVER.WARMUP_ITERS", "10", "SOLVER.BASE_LR", "0.1"])
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(cfg, model)
+    sched = build_lr_scheduler(cfg, opt)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1 * 0.001)
+    assert lrs[5] == pytest.approx(0.1 * (0.001 * 0.5 + 0.5))  # linear from 0.001 to 1
+    assert lrs[10] == pytest.approx(0.1) and lrs[59] == pytest.approx(0.1)
+    assert lrs[60] == pytest.approx(0.01) and lrs[80] == pytest.approx(0.001)
+    cfg.defrost()
+    cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupCosineLR"
+    opt = build_optimizer(cfg, model)
+    sched = build_lr_scheduler(cfg, opt)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[50] == pytest.approx(0.05, rel=1e-6)  # half-way down the cosine
+    assert lrs[99] < 0.001 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, opts, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from detection.engine import distributed as du
+
+    du.init_distributed("gloo")
+    cfg = load_config("faster_rcnn_r18_fpn_shapes.yaml", opts)
+    model, results = runner.train(cfg)
+    # every replica's final weights, to compare; rank 0's evaluation covers both shards
+    torch.save({"rank": rank, "results": results, "model": model.state_dict()},
+               Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tiny_data, tmp_path):
+    out = tmp_path / "ddp"
+    opts = tiny_opts(tiny_data, out, **{"SOLVER.MAX_ITER": 3, "SOLVER.IMS_PER_BATCH": 4,
+                                        "SOLVER.CHECKPOINT_PERIOD": 0})
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), opts, str(out)), nprocs=2,
+                       start_method="spawn")
+    r0 = torch.load(out / "rank0.pt", weights_only=False)
+    r1 = torch.load(out / "rank1.pt", weights_only=False)
+    assert r1["results"] == {}  # only the main process reports
+    final = load_checkpoint(out / "model_final.pth")
+    changed = 0
+    for k, v in final["model"].items():  # DDP keeps the replicas identical
+        assert torch.equal(r0["model"][k], v) and torch.equal(r1["model"][k], v), k
+    runner.seed_all(0)  # the initialisation rank 0 trained from (DDP broadcasts it)
+    init = runner.build_model_from_cfg(load_config("faster_rcnn_r18_fpn_shapes.yaml", opts))
+    for k, v in init.state_dict().items():
+        changed += int(v.is_floating_point() and not torch.equal(v, final["model"][k]))
+    assert changed > 50  # and they did train
+    # evaluation gathered over 2 processes equals one process evaluating the same checkpoint
+    cfg = load_config("faster_rcnn_r18_fpn_shapes.yaml", opts)
+    runner.attach_dataset_metadata(cfg)
+    model = runner.build_model_from_cfg(cfg)
+    model.load_state_dict(final["model"])
+    cfg.defrost()
+    cfg.OUTPUT_DIR = str(tmp_path / "single")
+    single = runner.evaluate(cfg, model)
+    for k in ("AP", "AP50", "AP75", "AR100"):
+        assert r0["results"]["bbox"][k] == pytest.approx(single["bbox"][k], nan_ok=True), k
+    gathered = json.loads((out / "inference").glob("*/coco_instances_results.json")
+                          .__next__().read_text())
+    assert {d["image_id"] for d in gathered} <= set(range(1, 7))
+
+
+def test_command_line_train_then_eval(tiny_data, tmp_path):
+    out = tmp_path / "cli"
+    opts = tiny_opts(tiny_data, out, **{"SOLVER.MAX_ITER": 2})
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, str(REPO / "tools" / "train_det.py"), "--config",
+           "faster_rcnn_r18_fpn_shapes.yaml", *opts]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| bbox |" in res.stdout
+    for name in ("config.yaml", "metrics.json", "model_final.pth", "loss.png", "log.txt"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    res = subprocess.run(cmd + ["--eval-only", "MODEL.WEIGHTS", str(out / "model_final.pth")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| bbox |" in res.stdout
+    results = json.loads(next(out.glob("inference/*/coco_instances_results.json")).read_text())
+    assert {r["category_id"] for r in results} <= {1, 2, 3, 4}
+    # a misspelt key names the closest valid one
+    res = subprocess.run(cmd + ["SOLVER.BASE_RL", "0.1"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert res.returncode != 0 and "SOLVER.BASE_LR" in res.stderr
