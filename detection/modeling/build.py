@@ -122,7 +122,7 @@ def build_roi_heads(cfg: CfgNode, shapes: Dict[str, ShapeSpec],
                               512, stride=2, norm=r.NORM,
                               groups=r.NUM_GROUPS, width_per_group=r.WIDTH_PER_GROUP,
                               stride_in_1x1=r.STRIDE_IN_1X1)
-        box_head: nn.Module = Res5BoxHead(res5, res5[-1].conv3.out_channels)
+        box_head: nn.Module = Res5BoxHead(res5, 512 * type(res5[-1]).expansion)
     elif h.NAME == "StandardROIHeads":
         channels = shapes[in_features[0]].channels
         box_head = FastRCNNConvFCHead(
