@@ -3,7 +3,11 @@ input images."""
 
 from typing import Dict, List, Optional, Sequence, Union
 
+import torch
 from torch import Tensor, nn
+
+from backbones import fold_conv_norm, fold_frozen_batchnorm
+from backbones.fpn import ConvNorm
 
 from .metadata import Metadata
 from .preprocess import Preprocessor, check_targets, rescale_boxes
@@ -48,6 +52,8 @@ class GeneralizedRCNN(nn.Module):
                                  "(call model.eval() for inference)")
             check_targets(targets, len(images), self.num_classes)
         batch, sizes, targets = self.preprocessor(images, targets if self.training else None)
+        if getattr(self, "_channels_last", False):
+            batch = batch.contiguous(memory_format=torch.channels_last)
         features = self.backbone(batch)
         gt_boxes = [t["boxes"] for t in targets] if targets is not None else None
         proposals, rpn_losses = self.rpn(features, sizes, tuple(batch.shape[-2:]), gt_boxes)
@@ -66,6 +72,25 @@ class GeneralizedRCNN(nn.Module):
         batch, sizes, _ = self.preprocessor(images)
         features = self.backbone(batch)
         return self.rpn(features, sizes, tuple(batch.shape[-2:]))[0]
+
+    @torch.no_grad()
+    def optimize_for_inference(self, channels_last: bool = True) -> "GeneralizedRCNN":
+        """Fold frozen (and eval-mode) BatchNorm into the preceding convs, in the ResNet
+        blocks, the FPN and the box head, and use the channels-last layout. Inference only:
+        the folded model cannot train its norms any more. Returns the model."""
+        self.eval()
+        fold_frozen_batchnorm(self)
+        for module in self.modules():
+            if isinstance(module, ConvNorm) and not isinstance(module.norm, nn.Identity):
+                fused = fold_conv_norm(module.conv, module.norm)
+                if fused is not None:
+                    module.conv, module.norm = fused, nn.Identity()
+        self._channels_last = channels_last
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+            self.rpn.to(memory_format=torch.channels_last)
+            self.roi_heads.to(memory_format=torch.channels_last)
+        return self
 
 
 FasterRCNN = GeneralizedRCNN

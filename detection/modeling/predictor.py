@@ -1,0 +1,124 @@
+"""Loading a detector from a config and weights, and running it on one image of any common
+type.
+
+    model = load_model("detectron2/faster_rcnn_R_50_FPN_3x")          # a zoo name
+    model = load_model("configs/faster_rcnn_r50_fpn.yaml", "out/model_final.pth")
+    result = predict(model, "street.jpg")   # boxes (N, 4) in image pixels, scores, names
+"""
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from fvcore.common.config import CfgNode
+from torch import Tensor
+
+from .build import build_model
+from .convert import detect_format, load_state_dict, to_ours
+from .faster_rcnn import GeneralizedRCNN
+from .metadata import Metadata
+from .zoo import get_detector_weights, list_detector_weights
+
+ImageLike = Union[str, os.PathLike, Tensor, np.ndarray, Any]
+
+
+def get_model_cfg(config: Union[str, os.PathLike, CfgNode]) -> CfgNode:
+    """A config from a YAML path (``_BASE_`` resolved) or a CfgNode (cloned)."""
+    if isinstance(config, CfgNode):
+        return config.clone()
+    try:
+        from detection.config import get_cfg
+    except ImportError:  # the config module is optional for the model package
+        from .defaults import add_model_config
+
+        cfg = add_model_config(CfgNode())
+    else:
+        cfg = get_cfg()
+    cfg.merge_from_file(str(config))
+    return cfg
+
+
+def read_weights(weights: str) -> Mapping[str, Any]:
+    """A checkpoint dict from a zoo name, URL or local path, read without running code."""
+    from backbones.weights import download_weights, read_checkpoint
+
+    if weights in list_detector_weights():
+        path = download_weights(get_detector_weights(weights).url,
+                                sha256=get_detector_weights(weights).sha256_prefix)
+    elif weights.startswith(("http://", "https://")):
+        path = download_weights(weights)
+    else:
+        path = Path(weights)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if str(path).endswith((".pth", ".pt")):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(ckpt, Mapping):
+            return ckpt
+    params, meta = read_checkpoint(path)
+    return {"model": params, **meta}
+
+
+def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] = None, *,
+               device: str = "cpu", optimize: bool = True) -> GeneralizedRCNN:
+    """Build the detector of ``config`` (a YAML path, a CfgNode or a zoo name) and load
+    ``weights`` (zoo name, URL or path; default ``MODEL.WEIGHTS``), in torchvision's,
+    detectron2's or our format. Returns it in eval mode, with frozen BatchNorm folded into
+    the convolutions when ``optimize``."""
+    if isinstance(config, str) and config in list_detector_weights():
+        entry = get_detector_weights(config)
+        weights = weights or config
+        config = entry.config_path
+    cfg = get_model_cfg(config)
+    weights = weights or cfg.MODEL.WEIGHTS
+    cfg.MODEL.BACKBONE.WEIGHTS = ""  # the detector checkpoint holds the backbone too
+    cfg.MODEL.DEVICE = device
+    model = build_model(cfg)
+    if weights:
+        ckpt = read_weights(weights)
+        load_state_dict(model, to_ours(ckpt))
+        if detect_format(ckpt) == "ours" and "metadata" in ckpt:
+            model.metadata = Metadata.from_dict(ckpt["metadata"])
+    model.eval()
+    if optimize:
+        model.optimize_for_inference()
+    return model
+
+
+def to_image_tensor(image: ImageLike) -> Tensor:
+    """An RGB ``(3, H, W)`` uint8/float tensor (0-255) from a path, PIL image, HWC numpy
+    array (RGB; grayscale and RGBA are converted) or CHW tensor."""
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image, ImageOps
+
+        with Image.open(image) as im:
+            image = ImageOps.exif_transpose(im).convert("RGB")
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise ValueError(f"expected an (H, W, 3) RGB array, got shape {image.shape}")
+        if image.dtype == np.uint16:
+            image = (image / 257.0).astype(np.float32)
+        image = torch.from_numpy(np.array(image[:, :, :3])).permute(2, 0, 1)
+    if not isinstance(image, Tensor):
+        raise TypeError(f"cannot read an image from a {type(image).__name__}")
+    return image
+
+
+@torch.no_grad()
+def predict(model: GeneralizedRCNN, image: ImageLike) -> Dict[str, Any]:
+    """Detections on one image: ``boxes`` ``(N, 4)`` xyxy in its pixels, ``scores``,
+    ``labels`` (contiguous), ``category_ids`` and ``class_names`` (lists)."""
+    was_training = model.training
+    model.eval()
+    out = model([to_image_tensor(image)])[0]
+    model.train(was_training)
+    labels = out["labels"].tolist()
+    meta = model.metadata
+    return {**out, "category_ids": [meta.category_ids[k] for k in labels],
+            "class_names": [meta.class_names[k] for k in labels]}
