@@ -90,19 +90,33 @@ def attach_dataset_metadata(cfg: Any) -> None:
 
 def load_weights(model: nn.Module, weights: str) -> None:
     """Load ``MODEL.WEIGHTS`` into a built detector: a checkpoint of ours, or a torchvision /
-    detectron2 detector file or registered name (converted on the fly)."""
+    detectron2 detector file, URL or zoo name (converted on the fly). Every parameter must be
+    given and every key used; errors name the key (and both shapes)."""
     if not weights:
         return
-    path = Path(weights)
-    if path.is_file() and path.suffix in (".pth", ".pt"):
-        state = load_checkpoint(path)
-        if isinstance(state, dict) and "model" in state and "config" in state:
-            model.load_state_dict(state["model"])
-            logger.info("Loaded weights from %s", path)
-            return
-    from detection.modeling.convert import load_detector_weights
+    from detection.modeling.convert import load_state_dict, to_ours
+    from detection.modeling.predictor import read_weights
 
-    load_detector_weights(model, weights)
+    ckpt = read_weights(weights)
+    try:
+        load_state_dict(model, to_ours(ckpt))
+    except (KeyError, ValueError) as e:
+        raise type(e)(f"{weights}: {e}") from e
+    logger.info("Loaded weights from %s", weights)
+
+
+def config_from_checkpoint(path: str) -> Any:
+    """The merged config stored in one of our checkpoints (what trained it)."""
+    from fvcore.common.config import CfgNode as FvCfgNode
+
+    from detection.config import get_cfg
+
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or not state.get("config"):
+        raise ValueError(f"{path} carries no config: give --config as well")
+    cfg = get_cfg()
+    cfg.merge_from_other_cfg(FvCfgNode.load_cfg(state["config"]))
+    return cfg
 
 
 def build_model_from_cfg(cfg: Any) -> nn.Module:

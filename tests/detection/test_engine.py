@@ -5,8 +5,10 @@ import os
 import socket
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -227,6 +229,31 @@ def test_command_line_train_then_eval(tiny_data, tmp_path):
     assert "| bbox |" in res.stdout
     results = json.loads(next(out.glob("inference/*/coco_instances_results.json")).read_text())
     assert {r["category_id"] for r in results} <= {1, 2, 3, 4}
+    # one checkpoint is enough for the demo (pictures) and the submission file
+    val_json, val_images = tiny_data[1].split(":")
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "demo.py"), "--weights",
+                          str(out / "model_final.pth"), "--input", val_images, "--limit", "2",
+                          "--output", str(tmp_path / "demo"), "--score-threshold", "0.0"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    pictures = sorted((tmp_path / "demo").glob("*.png"))
+    assert len(pictures) == 2
+    from PIL import Image
+
+    from detection.data.image_io import read_image
+    drawn = np.asarray(Image.open(pictures[0]))
+    original = read_image(Path(val_images) / (pictures[0].stem + ".jpg"))
+    assert drawn.shape == original.shape and (drawn != original).any()  # boxes were drawn
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "submit_coco.py"), "--weights",
+                          str(out / "model_final.pth"), "--image-info", val_json,
+                          "--image-root", val_images, "--split", "val2017", "--alg", "tiny",
+                          "--output", str(tmp_path / "sub")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with zipfile.ZipFile(tmp_path / "sub" / "detections_val2017_tiny_results.zip") as z:
+        entries = json.loads(z.read("detections_val2017_tiny_results.json"))
+    assert entries and {e["image_id"] for e in entries} <= set(range(1, 7))
+    assert set(entries[0]) == {"image_id", "category_id", "bbox", "score"}
     # a misspelt key names the closest valid one
     res = subprocess.run(cmd + ["SOLVER.BASE_RL", "0.1"], capture_output=True, text=True,
                          env=env, timeout=600)

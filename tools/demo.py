@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Run a detector on images and write pictures with the detections drawn.
+
+    python tools/demo.py --weights output/faster_rcnn_r18_fpn_shapes/model_final.pth \\
+        --input ~/.cache/detkit/shapes/*/val --output demo_out --limit 8
+    python tools/demo.py --config torchvision/fasterrcnn_resnet50_fpn.yaml \\
+        --weights torchvision/fasterrcnn_resnet50_fpn.coco_v1 --input street.jpg
+
+``--weights`` is one of our checkpoints (which carries its config and class names, so
+``--config`` may be left out), a torchvision or detectron2 detector file, a URL or a zoo name.
+``--input`` takes files and folders. Each picture shows every detection above
+``--score-threshold`` as a box labelled with its class and score.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from detection.data.image_io import read_image
+from detection.engine import runner
+from detection.modeling.predictor import load_model, predict
+from detection.visualization import draw_instances
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def list_images(inputs, limit=None):
+    files = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"input {p} is neither a file nor a folder")
+    return files[:limit] if limit else files
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="config name or path")
+    parser.add_argument("--weights", required=True, help="checkpoint path, URL or zoo name")
+    parser.add_argument("--input", nargs="+", required=True, help="image files or folders")
+    parser.add_argument("--output", default="demo_out", help="folder for the pictures")
+    parser.add_argument("--score-threshold", type=float, default=0.5)
+    parser.add_argument("--limit", type=int, default=None, help="at most this many images")
+    args = parser.parse_args(argv)
+
+    if args.config is not None:
+        from detection.config import load_config
+
+        cfg = load_config(args.config)
+    else:
+        cfg = runner.config_from_checkpoint(args.weights)
+    model = load_model(cfg, args.weights)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in list_images(args.input, args.limit):
+        image = read_image(path)
+        det = predict(model, image)
+        keep = (det["scores"] >= args.score_threshold).nonzero().flatten().tolist()
+        drawn = draw_instances(
+            image, det["boxes"][keep].numpy(), [int(det["labels"][i]) for i in keep],
+            class_names=model.metadata.class_names, scores=det["scores"][keep].tolist(),
+            masks=det["masks"][keep].numpy() if "masks" in det else None,
+        )
+        target = out_dir / f"{path.stem}.png"
+        Image.fromarray(drawn).save(target)
+        names = [det["class_names"][i] for i in keep]
+        print(f"{target}: {len(keep)} detections {sorted(set(names))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
