@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Forward time of our backbones against torchvision's, same weights, same process.
 
-    python benchmarks/bench_backbones.py            # resnet50 @224 (batch 1 and 8), R50-FPN @800x1216
+    python benchmarks/bench_backbones.py     # resnet50 @224 (batch 1, 8), R50-FPN @800x1216
     python benchmarks/bench_backbones.py --runs 10
 
 Ours runs as deployed for inference: FrozenBN folded into the convs and channels_last

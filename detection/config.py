@@ -335,6 +335,8 @@ def _defaults() -> CfgNode:
     _C.TEST = CfgNode()
     _C.TEST.EVAL_PERIOD = 0  # 0 disables periodic evaluation
     _C.TEST.DETECTIONS_PER_IMAGE = 100
+    # COCO AP engine: "auto" (faster-coco-eval when installed), "pycocotools", "faster_coco_eval"
+    _C.TEST.EVAL_ENGINE = "auto"
 
     _C.OUTPUT_DIR = "./output"
     # Seeds the sampler's shuffles and per-sample augmentation; a negative value means

@@ -155,7 +155,8 @@ def build_evaluator(cfg: Any, dataset_name: str, output_dir: Optional[Path] = No
     from detection.evaluation.coco_evaluation import COCOEvaluator
 
     tasks = ("bbox", "segm") if cfg.MODEL.get("MASK_ON", False) else ("bbox",)
-    return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_dir)
+    return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_dir,
+                         engine=cfg.TEST.EVAL_ENGINE)
 
 
 def evaluate(cfg: Any, model: nn.Module) -> Dict[str, Any]:

@@ -133,8 +133,35 @@ def format_per_category_table(per_category: dict[str, float], columns: int = 3) 
     return "\n".join(lines)
 
 
-def _empty_results_coco(gt: COCO) -> COCO:
-    dt = COCO()
+EVAL_ENGINES = ("auto", "pycocotools", "faster_coco_eval")
+
+
+def resolve_engine(engine: str) -> str:
+    """The COCO evaluation engine to use. ``"auto"`` takes faster-coco-eval (the same
+    algorithm in C++, 5-10x faster; its 12 stats equal pycocotools', which a test checks)
+    when it is installed, else pycocotools, the reference."""
+    if engine not in EVAL_ENGINES:
+        raise ValueError(f"unknown COCO evaluation engine {engine!r}; valid: {EVAL_ENGINES}")
+    if engine == "pycocotools":
+        return engine
+    try:
+        _faster_cocoeval()
+    except ImportError:
+        if engine == "faster_coco_eval":
+            raise ImportError("engine 'faster_coco_eval' needs `pip install faster-coco-eval`")\
+                from None
+        return "pycocotools"
+    return "faster_coco_eval"
+
+
+def _faster_cocoeval() -> Any:
+    from faster_coco_eval import COCOeval_faster
+
+    return COCOeval_faster
+
+
+def _empty_results_coco(gt: Any) -> Any:
+    dt = type(gt)()
     dt.dataset = {
         "images": copy.deepcopy(gt.dataset["images"]),
         "categories": copy.deepcopy(gt.dataset.get("categories", [])),
@@ -163,6 +190,7 @@ class COCOEvaluator:
         tasks: Sequence[str] = ("bbox",),
         output_dir: str | os.PathLike | None = None,
         distributed: bool = True,
+        engine: str = "auto",
     ) -> None:
         for t in tasks:
             if t not in ("bbox", "segm"):
@@ -192,7 +220,8 @@ class COCOEvaluator:
         self.tasks = tuple(tasks)
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.distributed = distributed
-        self.coco_eval: dict[str, COCOeval] = {}
+        self.engine = resolve_engine(engine)
+        self.coco_eval: dict[str, Any] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -251,6 +280,15 @@ class COCOEvaluator:
             logger.info("Wrote %d detections to %s", len(results), path)
         return {task: self._evaluate_task(task, results, img_ids) for task in self.tasks}
 
+    def _faster_gt(self) -> Any:
+        """The ground truth indexed by faster-coco-eval (built once, from the same dict)."""
+        if getattr(self, "_fast_gt", None) is None:
+            from faster_coco_eval import COCO as FastCOCO
+
+            with contextlib.redirect_stdout(io.StringIO()):
+                self._fast_gt = FastCOCO(copy.deepcopy(self.coco_gt.dataset))
+        return self._fast_gt
+
     def _evaluate_task(
         self, task: str, results: list[dict[str, Any]], img_ids: list[int]
     ) -> dict[str, float]:
@@ -258,13 +296,12 @@ class COCOEvaluator:
         if task == "segm":
             for r in task_results:
                 r.pop("bbox", None)  # else loadRes takes them as box results
+        gt, evaluator_cls = self.coco_gt, COCOeval
+        if self.engine == "faster_coco_eval":
+            gt, evaluator_cls = self._faster_gt(), _faster_cocoeval()
         with contextlib.redirect_stdout(io.StringIO()):
-            dt = (
-                self.coco_gt.loadRes(task_results)
-                if task_results
-                else _empty_results_coco(self.coco_gt)
-            )
-        ev = COCOeval(self.coco_gt, dt, iouType=task)
+            dt = gt.loadRes(task_results) if task_results else _empty_results_coco(gt)
+        ev = evaluator_cls(gt, dt, iouType=task)
         ev.params.imgIds = img_ids
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):

@@ -24,6 +24,8 @@ CATS = [
     {"id": 50, "name": "none"},
 ]
 CONTIG = [3, 7, 42, 50]
+# faster-coco-eval must give pycocotools' numbers, since "auto" picks it when installed
+ENGINES = ["pycocotools", "faster_coco_eval"]
 
 
 @pytest.fixture
@@ -101,10 +103,12 @@ def _outputs(images, anns, rng, *, perfect=False):
     return inputs, outputs
 
 
-def test_equals_pycocotools(gt, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_equals_pycocotools(gt, tmp_path, engine):
     path, images, anns = gt
     inputs, outputs = _outputs(images, anns, np.random.default_rng(1))
-    ev = COCOEvaluator((path, None), output_dir=tmp_path / "out")
+    ev = COCOEvaluator((path, None), output_dir=tmp_path / "out", engine=engine)
+    assert ev.engine == engine
     for k in range(0, len(inputs), 3):
         ev.process(inputs[k : k + 3], outputs[k : k + 3])
     res = ev.evaluate()["bbox"]
@@ -125,13 +129,19 @@ def test_equals_pycocotools(gt, tmp_path):
         else:
             assert res[name] == pytest.approx(s * 100, abs=1e-9), name
     assert math.isnan(res["AP-none"])  # no ground truth for category 50
+    # per-category AP from the engine's precision array equals pycocotools' too
+    precision = ref.eval["precision"]
+    for k, name in enumerate("abc"):
+        p = precision[:, :, k, 0, -1]
+        assert res[f"AP-{name}"] == pytest.approx(p[p > -1].mean() * 100, abs=1e-9)
     assert all(0 <= res[f"AP-{c}"] <= 100 for c in "abc")
 
 
-def test_perfect_detections_give_100(gt):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_perfect_detections_give_100(gt, engine):
     path, images, anns = gt
     inputs, outputs = _outputs(images, anns, np.random.default_rng(0), perfect=True)
-    ev = COCOEvaluator((str(path), None))
+    ev = COCOEvaluator((str(path), None), engine=engine)
     ev.process(inputs, outputs)
     res = ev.evaluate()["bbox"]
     assert res["AP"] == pytest.approx(100.0)
@@ -147,7 +157,8 @@ def test_perfect_detections_give_100(gt):
     assert ev.evaluate()["bbox"]["AP"] == 0.0  # no detections at all
 
 
-def test_segm_from_masks(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_segm_from_masks(tmp_path, engine):
     m = np.zeros((40, 50), np.uint8)
     m[5:25, 10:30] = 1
     from pycocotools import mask as mask_util
@@ -171,7 +182,8 @@ def test_segm_from_masks(tmp_path):
     }
     path = tmp_path / "gt.json"
     path.write_text(json.dumps(gt))
-    ev = COCOEvaluator((path, {"contiguous_id_to_dataset_id": [9]}), tasks=("bbox", "segm"))
+    ev = COCOEvaluator((path, {"contiguous_id_to_dataset_id": [9]}), tasks=("bbox", "segm"),
+                       engine=engine)
     ev.process(
         [{"image_id": 5}],
         [
