@@ -1,0 +1,137 @@
+"""Faster R-CNN R50-FPN inference and training step: ours against torchvision, same weights
+(random, with calibrated BatchNorm statistics), same process, one 800x1067 image.
+
+    python benchmarks/bench_faster_rcnn.py [--runs 5] [--threads 2]
+
+Prints median times, our/torchvision ratios, whether detections agree, fvcore's FLOP count
+(multiply-adds) and the achieved rate (2 x FLOPs / time).
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fvcore.common.config import CfgNode  # noqa: E402
+from torchvision.models.detection import fasterrcnn_resnet50_fpn  # noqa: E402
+
+from backbones import freeze_batchnorm  # noqa: E402
+from detection.modeling.build import build_model  # noqa: E402
+from detection.modeling.calibration import calibrate_batchnorm  # noqa: E402
+from detection.modeling.convert import load_state_dict, torchvision_to_ours  # noqa: E402
+from detection.modeling.defaults import add_model_config  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs/torchvision/fasterrcnn_resnet50_fpn.yaml"
+
+
+def median_time(fn, runs: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def image() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    coarse = torch.rand(3, 100, 134, generator=gen)
+    img = torch.nn.functional.interpolate(coarse[None], size=(800, 1067), mode="bilinear")[0]
+    return ((img + 0.1 * torch.rand(img.shape, generator=gen)).clamp(0, 1) * 255).round()
+
+
+def ours_from(ref) -> torch.nn.Module:
+    cfg = add_model_config(CfgNode())
+    cfg.merge_from_file(str(CONFIG))
+    cfg.MODEL.BACKBONE.WEIGHTS = ""
+    model = build_model(cfg)
+    load_state_dict(model, torchvision_to_ours(ref.state_dict()))
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    img = image()
+    ref = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
+    with torch.no_grad():  # livelier heads than the default init, so that scores pass 0.05
+        torch.nn.init.normal_(ref.rpn.head.cls_logits.weight, std=0.3)
+        torch.nn.init.normal_(ref.roi_heads.box_predictor.cls_score.weight, std=0.05)
+        calibrate_batchnorm(ref, lambda: ref([img / 255]))
+    ours_plain = ours_from(ref).eval()
+    ours = ours_from(ref).eval().optimize_for_inference(channels_last=True)
+
+    with torch.inference_mode():
+        expected = ref([img / 255])[0]
+        got = ours([img])[0]
+        plain = ours_plain([img])[0]
+        t_ref = median_time(lambda: ref([img / 255]), args.runs)
+        t_ours = median_time(lambda: ours([img]), args.runs)
+    n = expected["boxes"].shape[0]
+    same = (n == got["boxes"].shape[0] and torch.equal(expected["labels"], got["labels"] + 1))
+    box_diff = (expected["boxes"] - got["boxes"]).abs().max().item() if same and n else None
+    plain_same = torch.equal(plain["labels"] + 1, expected["labels"])
+    print(f"inference, 800x1067, {torch.get_num_threads()} threads, median of {args.runs}:")
+    print(f"  torchvision {t_ref:.3f} s   ours {t_ours:.3f} s   ratio {t_ours / t_ref:.3f}")
+    print(f"  detections: torchvision {n}, ours {got['boxes'].shape[0]}; labels equal: {same}; "
+          f"max |box diff| {box_diff}; unfolded ours equal: {plain_same}")
+
+    try:
+        from fvcore.nn import FlopCountAnalysis
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, x):
+                return self.m([x])[0]["boxes"]
+
+        with torch.no_grad():
+            flops = FlopCountAnalysis(Wrapped(ours_plain), img)
+            flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            total = flops.total()
+        print(f"  fvcore: {total / 1e9:.1f} G multiply-adds; ours achieves "
+              f"{2 * total / t_ours / 1e9:.0f} GFLOP/s, torchvision {2 * total / t_ref / 1e9:.0f}")
+    except Exception as err:  # fvcore's tracer is optional here
+        print(f"  fvcore count failed: {err}")
+
+    # One training step (forward + backward + SGD), same targets, FrozenBN, freeze_at 2.
+    ref_t = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                    trainable_backbone_layers=3)
+    freeze_batchnorm(ref_t.backbone.body)  # as torchvision builds it with pretrained weights
+    ours_t = ours_from(ref_t)
+    targets = [{"boxes": torch.tensor([[100.0, 120, 400, 500], [600, 200, 900, 700]]),
+                "labels": torch.tensor([1, 18])}]
+    our_targets = [{"boxes": targets[0]["boxes"], "labels": targets[0]["labels"] - 1}]
+    ref_t.train()
+    ours_t.train()
+    opt_r = torch.optim.SGD([p for p in ref_t.parameters() if p.requires_grad], lr=1e-5)
+    opt_o = torch.optim.SGD([p for p in ours_t.parameters() if p.requires_grad], lr=1e-5)
+
+    def step(model, opt, imgs, tg):
+        loss = sum(model(imgs, tg).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    runs = max(2, args.runs // 2)
+    t_ref_train = median_time(lambda: step(ref_t, opt_r, [img / 255], targets), runs)
+    t_ours_train = median_time(lambda: step(ours_t, opt_o, [img], our_targets), runs)
+    print(f"training step (1 image): torchvision {t_ref_train:.3f} s   ours {t_ours_train:.3f} s"
+          f"   ratio {t_ours_train / t_ref_train:.3f}")
+
+
+if __name__ == "__main__":
+    main()
