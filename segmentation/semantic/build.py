@@ -1,0 +1,163 @@
+"""Config keys of the semantic segmenters and building one from a config (the only place that
+reads ``cfg.MODEL.SEM_SEG_HEAD``).
+
+``MODEL.META_ARCHITECTURE: "SemanticSegmentor"`` selects this model in the shared runner;
+``MODEL.BACKBONE.NAME`` picks the body: "resnet_fpn" (p2..p5, for SemSegFPNHead) or "resnet"
+(dilated by ``MODEL.RESNETS.RES4_DILATION`` / ``RES5_DILATION``, for DeepLabV3Head and
+FCNHead).
+"""
+
+from typing import Any, Dict, List, Optional
+
+from fvcore.common.config import CfgNode
+from torch import nn
+
+import backbones
+from backbones import FPN, ShapeSpec
+
+from .heads import DeepLabV3Head, FCNHead, SemanticFPNHead
+from .model import SemanticSegmentor
+
+__all__ = ["HEADS", "add_semantic_config", "build_semantic_backbone", "build_semantic_head",
+           "build_semantic_model", "semantic_class_names"]
+
+HEADS = ("SemSegFPNHead", "DeepLabV3Head", "FCNHead")
+
+
+def _set_default(node: CfgNode, key: str, value: Any) -> None:
+    if key not in node:
+        node[key] = CfgNode(value) if isinstance(value, dict) else value
+
+
+def add_semantic_config(cfg: CfgNode) -> CfgNode:
+    """Add ``MODEL.SEM_SEG_HEAD.*``, ``MODEL.RESNETS.RES4_DILATION`` / ``DILATION_MODE`` and
+    ``INPUT.CROP.*`` (detectron2's names) where missing. Returns ``cfg``."""
+    if "MODEL" not in cfg:
+        cfg.MODEL = CfgNode()
+    h = CfgNode()
+    h.NAME = "SemSegFPNHead"  # or "DeepLabV3Head", "FCNHead"
+    h.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    h.NUM_CLASSES = 54
+    h.IGNORE_VALUE = 255
+    h.CONVS_DIM = 128  # SemSegFPNHead's conv width
+    h.COMMON_STRIDE = 4  # SemSegFPNHead: levels are brought to this stride
+    h.NORM = "GN"  # head norm: "GN", "BN" (torchvision's heads), "SyncBN", "none"
+    h.LOSS_WEIGHT = 1.0
+    h.ASPP_DILATIONS = [12, 24, 36]  # torchvision's, at output stride 8; (6, 12, 18) at 16
+    h.ASPP_CHANNELS = 256
+    h.ASPP_DROPOUT = 0.5
+    h.FCN_DROPOUT = 0.1
+    h.AUX_LOSS = False  # torchvision's auxiliary FCN head on AUX_IN_FEATURE
+    h.AUX_IN_FEATURE = "res4"
+    h.AUX_LOSS_WEIGHT = 0.5
+    h.SIZE_DIVISIBILITY = -1  # pad the batch to a multiple; -1: the backbone's own
+    _set_default(cfg.MODEL, "SEM_SEG_HEAD", h)
+    if "RESNETS" in cfg.MODEL:
+        _set_default(cfg.MODEL.RESNETS, "RES4_DILATION", 1)
+        # "torchvision": a dilated stage's first block keeps the previous dilation
+        # (replace_stride_with_dilation); "detectron2": every block of the stage is dilated
+        _set_default(cfg.MODEL.RESNETS, "DILATION_MODE", "detectron2")
+    if "INPUT" in cfg:
+        _set_default(cfg.INPUT, "CROP", {"ENABLED": False, "TYPE": "absolute",
+                                         "SIZE": [512, 512]})
+    return cfg
+
+
+def _norm(name: str) -> str:
+    return name if name else "none"
+
+
+def build_semantic_backbone(cfg: CfgNode) -> backbones.Backbone:
+    """ResNet(-FPN) from ``MODEL.BACKBONE`` / ``MODEL.RESNETS`` / ``MODEL.FPN``."""
+    r, b, h = cfg.MODEL.RESNETS, cfg.MODEL.BACKBONE, cfg.MODEL.SEM_SEG_HEAD
+    if r.DEPTH not in (18, 34, 50, 101, 152):
+        raise ValueError(f"MODEL.RESNETS.DEPTH must be 18, 34, 50, 101 or 152, got {r.DEPTH}")
+    kwargs: Dict[str, Any] = {}
+    if r.NUM_GROUPS != 1 or r.WIDTH_PER_GROUP != 64:
+        kwargs.update(groups=r.NUM_GROUPS, width_per_group=r.WIDTH_PER_GROUP)
+    body_kwargs = dict(
+        weights=b.WEIGHTS or None, norm=r.NORM, freeze_at=b.FREEZE_AT,
+        style="caffe" if r.STRIDE_IN_1X1 else "pytorch",
+        dilations=(1, 1, r.RES4_DILATION, r.RES5_DILATION), dilation_mode=r.DILATION_MODE,
+        **kwargs,
+    )
+    arch = f"resnet{r.DEPTH}"
+    if b.NAME == "resnet_fpn":
+        in_features = list(cfg.MODEL.FPN.IN_FEATURES) or ["res2", "res3", "res4", "res5"]
+        body = backbones.build_backbone(arch, out_features=in_features, **body_kwargs)
+        return FPN(body, out_channels=cfg.MODEL.FPN.OUT_CHANNELS, in_features=in_features,
+                   norm=_norm(cfg.MODEL.FPN.NORM), top_block=None)
+    if b.NAME == "resnet":
+        wanted: List[str] = list(h.IN_FEATURES)
+        if h.AUX_LOSS and h.AUX_IN_FEATURE not in wanted:
+            wanted.append(h.AUX_IN_FEATURE)
+        order = ["res2", "res3", "res4", "res5"]
+        bad = [f for f in wanted if f not in order]
+        if bad:
+            raise ValueError(f"MODEL.SEM_SEG_HEAD features {bad} are not ResNet stages {order}")
+        wanted.sort(key=order.index)
+        return backbones.build_backbone(arch, out_features=wanted, **body_kwargs)
+    raise ValueError(f"unknown MODEL.BACKBONE.NAME {b.NAME!r} for a semantic segmenter; valid: "
+                     "'resnet_fpn', 'resnet'")
+
+
+def build_semantic_head(
+    cfg: CfgNode, shapes: Dict[str, ShapeSpec], in_features: Optional[List[str]] = None,
+    name: Optional[str] = None,
+) -> nn.Module:
+    """The head ``MODEL.SEM_SEG_HEAD.NAME`` (or ``name``) over ``in_features``."""
+    h = cfg.MODEL.SEM_SEG_HEAD
+    name = name or h.NAME
+    in_features = list(in_features or h.IN_FEATURES)
+    missing = [f for f in in_features if f not in shapes]
+    if missing:
+        raise ValueError(f"MODEL.SEM_SEG_HEAD.IN_FEATURES {missing} are not backbone outputs "
+                         f"{list(shapes)}")
+    if name == "SemSegFPNHead":
+        return SemanticFPNHead({f: shapes[f] for f in in_features}, num_classes=h.NUM_CLASSES,
+                               conv_dims=h.CONVS_DIM, common_stride=h.COMMON_STRIDE,
+                               norm=_norm(h.NORM))
+    if len(in_features) != 1:
+        raise ValueError(f"{name} takes one feature map; MODEL.SEM_SEG_HEAD.IN_FEATURES is "
+                         f"{in_features}")
+    f = in_features[0]
+    if name == "DeepLabV3Head":
+        return DeepLabV3Head(shapes[f], in_feature=f, num_classes=h.NUM_CLASSES,
+                             rates=list(h.ASPP_DILATIONS), channels=h.ASPP_CHANNELS,
+                             norm=_norm(h.NORM), dropout=h.ASPP_DROPOUT)
+    if name == "FCNHead":
+        return FCNHead(shapes[f], in_feature=f, num_classes=h.NUM_CLASSES, norm=_norm(h.NORM),
+                       dropout=h.FCN_DROPOUT)
+    raise ValueError(f"unknown MODEL.SEM_SEG_HEAD.NAME {name!r}; valid: {', '.join(HEADS)}")
+
+
+def semantic_class_names(cfg: CfgNode) -> List[str]:
+    """``MODEL.CLASS_NAMES`` when it names every class, else class_0..class_{K-1}."""
+    k = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    names = list(cfg.MODEL.get("CLASS_NAMES", []) or [])
+    return names if len(names) == k else [f"class_{i}" for i in range(k)]
+
+
+def build_semantic_model(cfg: CfgNode) -> SemanticSegmentor:
+    """A ``SemanticSegmentor`` as ``cfg`` describes it, on ``MODEL.DEVICE``."""
+    from detection.modeling.metadata import Metadata
+
+    h = cfg.MODEL.SEM_SEG_HEAD
+    backbone = build_semantic_backbone(cfg)
+    shapes = backbone.output_shape()
+    head = build_semantic_head(cfg, shapes)
+    aux = None
+    if h.AUX_LOSS:
+        aux = build_semantic_head(cfg, shapes, [h.AUX_IN_FEATURE], name="FCNHead")
+    div = h.SIZE_DIVISIBILITY if h.SIZE_DIVISIBILITY >= 0 else backbone.size_divisibility
+    ids = list(cfg.MODEL.get("CATEGORY_IDS", []) or [])
+    names = semantic_class_names(cfg)
+    model = SemanticSegmentor(
+        backbone=backbone, head=head, aux_head=aux, pixel_mean=list(cfg.MODEL.PIXEL_MEAN),
+        pixel_std=list(cfg.MODEL.PIXEL_STD), input_format=cfg.MODEL.INPUT_FORMAT,
+        size_divisibility=div, ignore_value=h.IGNORE_VALUE, loss_weight=h.LOSS_WEIGHT,
+        aux_loss_weight=h.AUX_LOSS_WEIGHT,
+        metadata=Metadata(class_names=names,
+                          category_ids=ids if len(ids) == len(names) else []),
+    )
+    return model.to(cfg.MODEL.DEVICE)
