@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fvcore.common.config import CfgNode  # noqa: E402
 from torchvision.models.detection import fasterrcnn_resnet50_fpn  # noqa: E402
+from torchvision.ops import box_iou  # noqa: E402
 
 from backbones import freeze_batchnorm  # noqa: E402
 from detection.modeling.build import build_model  # noqa: E402
@@ -79,13 +80,20 @@ def main() -> None:
         t_ref = median_time(lambda: ref([img / 255]), args.runs)
         t_ours = median_time(lambda: ours([img]), args.runs)
     n = expected["boxes"].shape[0]
-    same = (n == got["boxes"].shape[0] and torch.equal(expected["labels"], got["labels"] + 1))
-    box_diff = (expected["boxes"] - got["boxes"]).abs().max().item() if same and n else None
-    plain_same = torch.equal(plain["labels"] + 1, expected["labels"])
+
+    def agreement(res) -> float:
+        """Share of torchvision's detections that ours has too (same label, IoU > 0.99);
+        float32 near-ties in NMS and top-k can swap a few."""
+        if n == 0:
+            return 1.0
+        iou = box_iou(expected["boxes"], res["boxes"])
+        same = expected["labels"][:, None] == res["labels"][None] + 1
+        return float(((iou > 0.99) & same).any(dim=1).float().mean())
+
     print(f"inference, 800x1067, {torch.get_num_threads()} threads, median of {args.runs}:")
     print(f"  torchvision {t_ref:.3f} s   ours {t_ours:.3f} s   ratio {t_ours / t_ref:.3f}")
-    print(f"  detections: torchvision {n}, ours {got['boxes'].shape[0]}; labels equal: {same}; "
-          f"max |box diff| {box_diff}; unfolded ours equal: {plain_same}")
+    print(f"  detections: torchvision {n}, ours {got['boxes'].shape[0]}; found by ours: "
+          f"{agreement(got):.1%} (folded, channels_last), {agreement(plain):.1%} (plain)")
 
     try:
         from fvcore.nn import FlopCountAnalysis
