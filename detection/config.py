@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
@@ -32,8 +32,10 @@ __all__ = [
     "ConfigError",
     "ConfigKeyError",
     "ConfigTypeError",
+    "CONFIG_EXTENDERS",
     "get_cfg",
     "load_config",
+    "register_config_extender",
     "resolve_config_path",
     "save_config",
 ]
@@ -356,8 +358,21 @@ def _fill_missing(dst: _FvCfgNode, src: _FvCfgNode) -> None:
             _fill_missing(dst[k], v)
 
 
+# Functions that add keys of packages above detection (segmentation) to every fresh config;
+# those packages register theirs on import, so detection never imports them.
+CONFIG_EXTENDERS: list[Callable[[CfgNode], Any]] = []
+
+
+def register_config_extender(fn: Callable[[CfgNode], Any]) -> Callable[[CfgNode], Any]:
+    """Have ``get_cfg()`` call ``fn(cfg)`` on every fresh config (once per function)."""
+    if fn not in CONFIG_EXTENDERS:
+        CONFIG_EXTENDERS.append(fn)
+    return fn
+
+
 def get_cfg() -> CfgNode:
-    """A fresh copy of the full defaults tree (data, solver, test and the model's keys)."""
+    """A fresh copy of the full defaults tree (data, solver, test and the model's keys), then
+    the keys of every registered config extender."""
     cfg = _DEFAULTS.clone()
     try:
         from detection.modeling.defaults import add_model_config
@@ -369,6 +384,8 @@ def get_cfg() -> CfgNode:
     else:
         add_model_config(cfg)
         _fill_missing(cfg, _DEFAULTS)  # in case it replaced a whole node
+    for extend in CONFIG_EXTENDERS:
+        extend(cfg)
     return cfg
 
 

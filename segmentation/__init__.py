@@ -1,0 +1,4 @@
+"""Segmentation models on top of ``backbones`` and ``detection``; importing a subpackage
+registers its config keys and meta-architectures with the shared tools."""
+
+from . import semantic  # noqa: F401  (registers SemanticSegmentor and MODEL.SEM_SEG_HEAD.*)

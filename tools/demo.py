@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+import segmentation  # noqa: F401  (registers segmentation config keys and models)
 from detection.data.image_io import read_image
 from detection.engine import runner
 from detection.modeling.predictor import load_model, predict

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import segmentation  # noqa: F401  (registers segmentation config keys and models)
 from detection.data.image_io import read_image
 from detection.engine import runner
 from detection.evaluation.coco_evaluation import detections_to_coco_results, write_coco_submission

@@ -15,6 +15,7 @@ the config.
 import argparse
 import sys
 
+import segmentation  # noqa: F401  (registers segmentation models)
 from detection.config import load_config
 from detection.engine import distributed as du
 from detection.engine import runner

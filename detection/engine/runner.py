@@ -6,8 +6,9 @@ import random
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -20,6 +21,38 @@ from .solver import build_lr_scheduler, build_optimizer
 from .trainer import Trainer, flatten_results
 
 logger = logging.getLogger("detection.train")
+
+
+@dataclass(frozen=True)
+class MetaArchitecture:
+    """How the runner builds, feeds and evaluates a model family registered from a package
+    above detection (segmentation). Hooks left None fall back to the detector's."""
+
+    build: Callable[[Any], nn.Module]  # cfg -> model
+    build_mapper: Optional[Callable[[Any, bool], Any]] = None  # (cfg, is_train) -> mapper
+    build_evaluator: Optional[Callable[[Any, str, Optional[Path]], Any]] = None
+    attach_metadata: Optional[Callable[[Any], None]] = None  # cfg -> None (sets CLASS_NAMES)
+    load_weights: Optional[Callable[[nn.Module, str], None]] = None  # (model, MODEL.WEIGHTS)
+
+
+# MODEL.META_ARCHITECTURE (also the model's class name) -> MetaArchitecture
+META_ARCHITECTURES: Dict[str, MetaArchitecture] = {}
+
+
+def register_meta_architecture(name: str, build: Callable[[Any], nn.Module],
+                               **hooks: Any) -> None:
+    """Make ``MODEL.META_ARCHITECTURE: name`` build with ``build(cfg)``; ``hooks`` are the
+    other fields of :class:`MetaArchitecture`."""
+    META_ARCHITECTURES[name] = MetaArchitecture(build=build, **hooks)
+
+
+def _meta_arch(cfg: Any) -> Optional[MetaArchitecture]:
+    return META_ARCHITECTURES.get(cfg.MODEL.get("META_ARCHITECTURE", ""))
+
+
+def _mapper(cfg: Any, is_train: bool) -> Any:
+    arch = _meta_arch(cfg)
+    return arch.build_mapper(cfg, is_train) if arch and arch.build_mapper else None
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -68,6 +101,10 @@ def attach_dataset_metadata(cfg: Any) -> None:
     checkpoints carry them) and check the class count."""
     from detection.data.catalog import get_metadata
 
+    arch = _meta_arch(cfg)
+    if arch is not None and arch.attach_metadata is not None:
+        arch.attach_metadata(cfg)
+        return
     if cfg.MODEL.CLASS_NAMES or not cfg.DATASETS.TRAIN:
         return
     meta = get_metadata(cfg.DATASETS.TRAIN[0])
@@ -93,6 +130,10 @@ def load_weights(model: nn.Module, weights: str) -> None:
     detectron2 detector file, URL or zoo name (converted on the fly). Every parameter must be
     given and every key used; errors name the key (and both shapes)."""
     if not weights:
+        return
+    arch = META_ARCHITECTURES.get(type(model).__name__)
+    if arch is not None and arch.load_weights is not None:
+        arch.load_weights(model, weights)
         return
     from detection.modeling.convert import load_state_dict, to_ours
     from detection.modeling.predictor import read_weights
@@ -120,6 +161,9 @@ def config_from_checkpoint(path: str) -> Any:
 
 
 def build_model_from_cfg(cfg: Any) -> nn.Module:
+    arch = _meta_arch(cfg)
+    if arch is not None:
+        return arch.build(cfg)
     from detection.modeling.build import build_model
 
     return build_model(cfg)
@@ -152,6 +196,9 @@ def inference_on_dataset(model: nn.Module, data_loader, evaluator) -> Dict[str, 
 
 
 def build_evaluator(cfg: Any, dataset_name: str, output_dir: Optional[Path] = None):
+    arch = _meta_arch(cfg)
+    if arch is not None and arch.build_evaluator is not None:
+        return arch.build_evaluator(cfg, dataset_name, output_dir)
     from detection.evaluation.coco_evaluation import COCOEvaluator
 
     tasks = ("bbox", "segm") if cfg.MODEL.get("MASK_ON", False) else ("bbox",)
@@ -166,7 +213,7 @@ def evaluate(cfg: Any, model: nn.Module) -> Dict[str, Any]:
     unwrapped = getattr(model, "module", model)
     results: Dict[str, Any] = {}
     for name in cfg.DATASETS.TEST:
-        loader = build_test_loader(cfg, name)
+        loader = build_test_loader(cfg, name, mapper=_mapper(cfg, False))
         out_dir = Path(cfg.OUTPUT_DIR) / "inference" / dataset_dir_name(name)
         evaluator = build_evaluator(cfg, name, out_dir)
         res = inference_on_dataset(unwrapped, loader, evaluator)
@@ -185,8 +232,12 @@ def dataset_dir_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+_SEM_SEG_KEYS = ("mIoU", "fwIoU", "mACC", "pACC")
+
+
 def format_ap_line(metrics: Dict[str, float]) -> str:
-    keys = [k for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in metrics]
+    keys = [k for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", *_SEM_SEG_KEYS)
+            if k in metrics]
     return "  ".join(f"{k} {metrics[k]:.2f}" for k in keys)
 
 
@@ -198,6 +249,13 @@ def format_ap_table(results: Dict[str, Dict[str, float]]) -> str:
         if isinstance(m, dict) and "AP" in m:
             lines.append(f"| {task} | " + " | ".join(f"{m.get(k, float('nan')):.2f}"
                                                     for k in keys) + " |")
+    sem = {t: m for t, m in results.items() if isinstance(m, dict) and "mIoU" in m}
+    if sem:  # semantic segmentation: mIoU and accuracies (0-100)
+        lines = [] if len(lines) == 2 else [*lines, ""]
+        lines += ["| task | " + " | ".join(_SEM_SEG_KEYS) + " |",
+                  "|---" * (len(_SEM_SEG_KEYS) + 1) + "|"]
+        lines += [f"| {t} | " + " | ".join(f"{m.get(k, float('nan')):.2f}"
+                                           for k in _SEM_SEG_KEYS) + " |" for t, m in sem.items()]
     return "\n".join(lines)
 
 
@@ -237,7 +295,8 @@ def train(cfg: Any, *, resume: bool = False) -> Tuple[nn.Module, Dict[str, Any]]
                 "norm_type": cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE}
     trainer = Trainer(
         model=train_model, optimizer=optimizer, scheduler=scheduler,
-        data_loader=build_train_loader(cfg, start_iter=start_iter), checkpointer=checkpointer,
+        data_loader=build_train_loader(cfg, start_iter=start_iter,
+                                       mapper=_mapper(cfg, True)), checkpointer=checkpointer,
         max_iter=max_iter, start_iter=start_iter,
         checkpoint_period=int(cfg.SOLVER.CHECKPOINT_PERIOD),
         eval_period=int(cfg.TEST.EVAL_PERIOD), evaluate_fn=lambda: evaluate(cfg, model),

@@ -18,10 +18,14 @@ logger = logging.getLogger("detection.train")
 
 
 def batch_to_device(batch: List[dict], device: torch.device):
-    """Mapper dicts -> (images, targets) as the detector's training call takes them."""
+    """Mapper dicts -> (images, targets) as the model's training call takes them: detection
+    targets from ``instances``, or ``{"sem_seg": label map}`` for semantic segmentation."""
     images = [d["image"].to(device, non_blocking=True) for d in batch]
     targets = []
     for d in batch:
+        if "instances" not in d and "sem_seg" in d:  # semantic segmentation: the label map
+            targets.append({"sem_seg": d["sem_seg"].to(device, non_blocking=True)})
+            continue
         inst = d["instances"]
         targets.append({k: v.to(device, non_blocking=True) for k, v in inst.items()})
     return images, targets
