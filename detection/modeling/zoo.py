@@ -20,6 +20,7 @@ class DetectorWeights:
     config: str
     box_ap: float
     sha256_prefix: Optional[str] = None  # torchvision files carry 8 hex digits of it
+    mask_ap: Optional[float] = None  # Mask R-CNN (built when the config sets MODEL.MASK_ON)
 
     @property
     def config_path(self) -> Path:
@@ -51,6 +52,20 @@ for _name, _path, _ap in (
 ):
     _register(DetectorWeights(f"detectron2/{_name}", f"{_D2}/{_name}/{_path}", "detectron2",
                               f"detectron2/{_name}.yaml", _ap))
+
+_register(DetectorWeights(
+    "torchvision/maskrcnn_resnet50_fpn.coco_v1",
+    "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
+    "torchvision", "torchvision/maskrcnn_resnet50_fpn.yaml", 37.9, "bf2d0c1e", mask_ap=34.6))
+_register(DetectorWeights(
+    "torchvision/maskrcnn_resnet50_fpn_v2.coco_v1",
+    "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth",
+    "torchvision", "torchvision/maskrcnn_resnet50_fpn_v2.yaml", 47.4, "73cbd019", mask_ap=41.8))
+_register(DetectorWeights(
+    "detectron2/mask_rcnn_R_50_FPN_3x",
+    "https://dl.fbaipublicfiles.com/detectron2/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x/"
+    "137849600/model_final_f10217.pkl", "detectron2", "detectron2/mask_rcnn_R_50_FPN_3x.yaml",
+    41.0, mask_ap=37.2))
 
 
 def list_detector_weights() -> List[str]:
