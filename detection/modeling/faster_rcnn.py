@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from backbones import fold_conv_norm, fold_frozen_batchnorm
 from backbones.fpn import ConvNorm
+from backbones.fused import FusedConv2d, FusedLinear, fuse_conv_relu
 
 from .metadata import Metadata
 from .preprocess import Preprocessor, check_targets, rescale_boxes
@@ -74,9 +75,12 @@ class GeneralizedRCNN(nn.Module):
         return self.rpn(features, sizes, tuple(batch.shape[-2:]))[0]
 
     @torch.no_grad()
-    def optimize_for_inference(self, channels_last: bool = True) -> "GeneralizedRCNN":
+    def optimize_for_inference(self, channels_last: bool = True,
+                               fuse: bool = True) -> "GeneralizedRCNN":
         """Fold frozen (and eval-mode) BatchNorm into the preceding convs, in the ResNet
-        blocks, the FPN and the box head, and use the channels-last layout. Inference only:
+        blocks, the FPN and the box head, and use the channels-last layout; with ``fuse``,
+        also apply each ReLU and residual add inside its convolution or linear layer
+        (oneDNN post-ops, CPU float32; other devices take the plain path). Inference only:
         the folded model cannot train its norms any more. Returns the model."""
         self.eval()
         fold_frozen_batchnorm(self)
@@ -85,6 +89,15 @@ class GeneralizedRCNN(nn.Module):
                 fused = fold_conv_norm(module.conv, module.norm)
                 if fused is not None:
                     module.conv, module.norm = fused, nn.Identity()
+        if fuse:
+            fuse_conv_relu(self)
+            for i, conv in enumerate(self.rpn.head.convs):
+                if type(conv) is nn.Conv2d:
+                    self.rpn.head.convs[i] = FusedConv2d(conv, relu=True)
+            fcs = getattr(self.roi_heads.box_head, "fcs", [])
+            for i, fc in enumerate(fcs):
+                if type(fc) is nn.Linear:
+                    fcs[i] = FusedLinear(fc, relu=True)
         self._channels_last = channels_last
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou
 
 from backbones.fpn import ConvNorm
+from backbones.fused import apply_relu
 
 from .box_ops import BoxCoder, box_sizes, clip_boxes, size_limits, top_k_per_group
 from .matcher import Matcher, sample_balanced
@@ -64,7 +65,7 @@ class FastRCNNConvFCHead(nn.Module):
             x = F.relu(conv(x))
         x = x.flatten(1)
         for fc in self.fcs:
-            x = F.relu(fc(x))
+            x = apply_relu(fc, x)
         return x
 
 

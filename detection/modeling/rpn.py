@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou
 
+from backbones.fused import apply_relu
+
 from .anchors import AnchorGenerator
 from .box_ops import BoxCoder, box_sizes, clip_boxes, size_limits, top_k_per_group
 from .matcher import Matcher, sample_balanced
@@ -36,7 +38,7 @@ class RPNHead(nn.Module):
         logits, deltas = [], []
         for x in features:
             for conv in self.convs:
-                x = F.relu(conv(x))
+                x = apply_relu(conv, x)
             logits.append(self.objectness(x))
             deltas.append(self.deltas(x))
         return logits, deltas

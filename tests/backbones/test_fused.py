@@ -1,0 +1,62 @@
+"""Fused inference layers (oneDNN post-ops) compute the same function as the folded model."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import backbones
+from backbones.fused import FusedBlock, FusedConv2d, FusedLinear, FusedStem, fuse_conv_relu
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                reason="oneDNN is not available in this torch build")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_fused_backbone_equals_folded(arch):
+    torch.manual_seed(0)
+    model = backbones.FPN(backbones.build_backbone(arch, norm="FrozenBN"), out_channels=64)
+    for m in model.modules():
+        if hasattr(m, "running_var"):
+            m.running_var.uniform_(0.5, 2.0)
+            m.running_mean.uniform_(-0.1, 0.1)
+    folded = backbones.prepare_for_inference(model)
+    fused = fuse_conv_relu(copy.deepcopy(folded))
+    kinds = {type(m) for m in fused.modules()}
+    assert FusedBlock in kinds and FusedStem in kinds
+    assert not any(isinstance(m, (backbones.BasicBlock, backbones.Bottleneck))
+                   for m in fused.modules())
+    assert fused.state_dict().keys() != folded.state_dict().keys()  # really swapped
+    x = torch.randn(2, 3, 97, 131).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want, got = folded(x), fused(x)
+    for k in want:
+        rel = ((got[k] - want[k]).norm() / want[k].norm()).item()
+        assert rel < 1e-5, (k, rel)
+    # the same layers on a path oneDNN does not take (float64) give the same function too
+    with torch.no_grad():
+        got64 = fused.double()(x.double())
+    for k in want:
+        assert ((got64[k] - want[k].double()).norm() / want[k].norm()).item() < 1e-5
+
+
+def test_fused_conv_add_relu_and_linear():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+    x = torch.randn(2, 16, 21, 17)
+    other = torch.randn(2, 32, 11, 9)
+    with torch.no_grad():
+        fused = FusedConv2d(conv, relu=True)
+        torch.testing.assert_close(fused(x, other), torch.relu(conv(x) + other), rtol=1e-5,
+                                   atol=1e-5)
+        torch.testing.assert_close(FusedConv2d(conv, relu=False)(x), conv(x), rtol=1e-5,
+                                   atol=1e-5)
+        lin = nn.Linear(300, 40)
+        y = torch.randn(7, 300)
+        torch.testing.assert_close(FusedLinear(lin, relu=True)(y), torch.relu(lin(y)),
+                                   rtol=1e-5, atol=1e-5)
+    # with autograd recording, the plain ops run, so gradients still flow to the input
+    x.requires_grad_(True)
+    FusedConv2d(conv, relu=True)(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
