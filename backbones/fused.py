@@ -42,12 +42,14 @@ class FusedConv2d(nn.Module):
         self.relu = self.fused_relu = relu
         # oneDNN's own weight layout, made once: reordering the weight on every call costs
         # as much as a small convolution. Not a parameter or buffer (state_dict is unchanged).
-        self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            self.weight.detach().to_mkldnn(), self.padding, self.stride, self.dilation,
-            self.groups, None)
+        self._packed = None
+        if self.weight.dtype == torch.float32 and self.weight.device.type == "cpu":
+            self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                self.weight.detach().to_mkldnn(), self.padding, self.stride, self.dilation,
+                self.groups, None)
 
     def forward(self, x: Tensor, other: Optional[Tensor] = None) -> Tensor:
-        if _use_fused(x):
+        if self._packed is not None and _use_fused(x) and self.weight.dtype == torch.float32:
             op = torch.ops.mkldnn._convolution_pointwise
             unary = "relu" if self.relu else "none"
             if other is None:

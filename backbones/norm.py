@@ -107,11 +107,18 @@ def fold_frozen_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def prepare_for_inference(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
-    """Eval mode, frozen norms folded into convs, and (optionally) channels_last memory
-    layout, which oneDNN's CPU convolutions and cuDNN's tensor-core kernels run faster."""
+def prepare_for_inference(model: nn.Module, *, channels_last: bool = True,
+                          fuse: bool = True) -> nn.Module:
+    """Eval mode, frozen norms folded into convs, (optionally) channels_last memory layout,
+    which oneDNN's CPU convolutions and cuDNN's tensor-core kernels run faster, and (with
+    ``fuse``) each ResNet block's ReLUs and residual add applied inside its convolutions
+    (``backbones.fused``). Inference only."""
     model.eval()
     fold_frozen_batchnorm(model)
+    if fuse:
+        from .fused import fuse_conv_relu  # fused imports resnet, which imports this module
+
+        fuse_conv_relu(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model

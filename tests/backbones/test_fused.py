@@ -21,7 +21,7 @@ def test_fused_backbone_equals_folded(arch):
         if hasattr(m, "running_var"):
             m.running_var.uniform_(0.5, 2.0)
             m.running_mean.uniform_(-0.1, 0.1)
-    folded = backbones.prepare_for_inference(model)
+    folded = backbones.prepare_for_inference(model, fuse=False)
     fused = fuse_conv_relu(copy.deepcopy(folded))
     kinds = {type(m) for m in fused.modules()}
     assert FusedBlock in kinds and FusedStem in kinds
