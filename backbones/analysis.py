@@ -52,12 +52,14 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 def part_table(
     model: nn.Module, input_size: Tuple[int, int] = (224, 224), *,
     parts: Optional[Iterable[str]] = None, depth: int = 1, macs_only: bool = True,
+    inputs: Optional[Tuple] = None,
 ) -> List[Tuple[str, int, int]]:
     """Rows (name, parameters, FLOPs) for each module ``depth`` levels down (or the named
-    ``parts``), then a "total" row, for one ``(1, 3, H, W)`` input."""
-    x = torch.zeros(1, 3, *input_size)
+    ``parts``), then a "total" row, for one ``(1, 3, H, W)`` input (or ``inputs``)."""
+    if inputs is None:
+        inputs = (torch.zeros(1, 3, *input_size),)
     with torch.no_grad():
-        analysis = flop_count(model, (x,), macs_only=macs_only)
+        analysis = flop_count(model, inputs, macs_only=macs_only)
     by_module = analysis.by_module()
     if parts is None:
         parts = [n for n, _ in model.named_modules() if n and n.count(".") == depth - 1]

@@ -33,14 +33,30 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.config:
+        import torch
+
         from detection.config import load_config
         from detection.modeling import build_model
+        from detection.modeling.calibration import calibrate_batchnorm
 
-        cfg = load_config(args.config, list(args.opts) + ["MODEL.WEIGHTS", ""])
+        cfg = load_config(args.config, list(args.opts) + ["MODEL.WEIGHTS", "",
+                                                          "MODEL.BACKBONE.WEIGHTS", ""])
         model = build_model(cfg).eval()
         size = tuple(args.size or (800, 1088))
-        rows = part_table(model.backbone, size, depth=1, macs_only=not args.all_ops)
-        print(format_table(rows, f"{args.config} backbone at {size[0]}x{size[1]}"))
+        image = torch.rand(3, *size, generator=torch.Generator().manual_seed(0)) * 255
+        with torch.no_grad():  # realistic statistics, so the RPN gives its full proposal count
+            calibrate_batchnorm(model, lambda: model([image]))
+        body = model.backbone.bottom_up if hasattr(model.backbone, "bottom_up") \
+            else model.backbone
+        prefix = "backbone.bottom_up." if body is not model.backbone else "backbone."
+        parts = [prefix + "stem"] + [prefix + s for s in body.stage_names]
+        if body is not model.backbone:
+            parts += ["backbone.lateral_convs", "backbone.output_convs"]
+        parts += ["rpn", "roi_heads"]
+        rows = part_table(model, size, parts=parts, macs_only=not args.all_ops,
+                          inputs=([image],))
+        print(format_table(rows, f"{args.config} at {size[0]}x{size[1]} "
+                                 f"(RoI heads on {cfg.MODEL.RPN.POST_NMS_TOPK_TEST} proposals)"))
         return 0
     if not args.name:
         parser.error("give a backbone name or --config")
