@@ -20,7 +20,6 @@ import ast
 import difflib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -440,16 +439,7 @@ def load_config(name: str | os.PathLike | None = None, opts: Iterable[str] = ())
 
 def save_config(cfg: _FvCfgNode, output_dir: str | os.PathLike) -> Path:
     """Write the merged config to ``output_dir/config.yaml`` atomically; return its path."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "config.yaml"
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml", dir=out)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(cfg.dump())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from detection.atomic_files import atomic_write_text
+
+    path = atomic_write_text(Path(output_dir) / "config.yaml", cfg.dump())
     return path

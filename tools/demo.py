@@ -51,13 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="at most this many images")
     args = parser.parse_args(argv)
 
-    if args.config is not None:
-        from detection.config import load_config
-
-        cfg = load_config(args.config)
-    else:
-        cfg = runner.config_from_checkpoint(args.weights)
-    model = load_model(cfg, args.weights)
+    model = load_model(runner.inference_config(args.config, args.weights), args.weights)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in list_images(args.input, args.limit):

@@ -65,13 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     args = parser.parse_args(argv)
 
-    if args.config is not None:
-        from detection.config import load_config
-
-        cfg = load_config(args.config)
-    else:
-        cfg = runner.config_from_checkpoint(args.weights)
-    model = load_model(cfg, args.weights)
+    model = load_model(runner.inference_config(args.config, args.weights), args.weights)
     if args.image_info is not None:
         root = args.image_root or args.image_info.parent
         images = images_from_info(args.image_info, root)

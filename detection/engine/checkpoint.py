@@ -15,12 +15,13 @@ metadata is enough to run ``tools/demo.py`` or to evaluate.
 import logging
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
+
+from detection.atomic_files import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -28,29 +29,8 @@ LAST = "last_checkpoint"
 
 
 def atomic_save(obj: Any, path: os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over
-    ``path``: a crash leaves the previous file intact, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """``torch.save`` atomically (see ``detection.atomic_files``)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def get_rng_state() -> Dict[str, Any]:
@@ -117,7 +97,7 @@ class Checkpointer:
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
         path = atomic_save(state, self.output_dir / f"{name}.pth")
-        _atomic_write_text(path.name, self.output_dir / LAST)
+        atomic_write_text(self.output_dir / LAST, path.name)
         logger.info("Saved checkpoint %s (iteration %d)", path, iteration)
         self._prune(path)
         return path

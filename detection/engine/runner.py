@@ -146,6 +146,16 @@ def load_weights(model: nn.Module, weights: str) -> None:
     logger.info("Loaded weights from %s", weights)
 
 
+def inference_config(config: Optional[str], weights: str) -> Any:
+    """The config of an inference tool: ``config`` (name or path) when given, else the one
+    stored in the checkpoint ``weights``."""
+    if config is not None:
+        from detection.config import load_config
+
+        return load_config(config)
+    return config_from_checkpoint(weights)
+
+
 def config_from_checkpoint(path: str) -> Any:
     """The merged config stored in one of our checkpoints (what trained it)."""
     from fvcore.common.config import CfgNode as FvCfgNode
