@@ -88,33 +88,24 @@ def plot_curves(output_dir: Path, records: Optional[List[dict]] = None) -> List[
         records = read_metrics(path)
     written = []
     loss_keys = sorted({k for r in records for k in r if k.startswith("loss")})
-    if loss_keys:
+    ap_keys = [k for k in ("bbox/AP", "bbox/AP50", "segm/AP", "sem_seg/mIoU")
+               if any(k in r for r in records)]
+    for keys, name, ylabel, log in ((loss_keys, "loss.png", "loss", True),
+                                    (ap_keys, "ap.png", "AP / mIoU (0-100)", False)):
+        if not keys:
+            continue
         fig, ax = plt.subplots(figsize=(7, 4))
-        for k in loss_keys:
+        for k in keys:
             pts = [(r["iteration"], r[k]) for r in records if k in r]
-            ax.plot(*zip(*pts), label=k, lw=1.2 if k == "total_loss" else 0.8)
+            ax.plot(*zip(*pts), label=k, lw=1.0, marker=None if log else "o")
         ax.set_xlabel("iteration")
-        ax.set_ylabel("loss")
-        ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(output_dir / "loss.png", dpi=100)
+        fig.savefig(output_dir / name, dpi=100)
         plt.close(fig)
-        written.append(output_dir / "loss.png")
-    ap_keys = [k for k in ("bbox/AP", "bbox/AP50", "segm/AP", "sem_seg/mIoU")
-               if any(k in r for r in records)]
-    if ap_keys:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for k in ap_keys:
-            pts = [(r["iteration"], r[k]) for r in records if k in r]
-            ax.plot(*zip(*pts), marker="o", label=k)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("AP (0-100)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(output_dir / "ap.png", dpi=100)
-        plt.close(fig)
-        written.append(output_dir / "ap.png")
+        written.append(output_dir / name)
     return written
