@@ -2,3 +2,4 @@
 registers its config keys and meta-architectures with the shared tools."""
 
 from . import semantic  # noqa: F401  (registers SemanticSegmentor and MODEL.SEM_SEG_HEAD.*)
+from . import mask_rcnn  # noqa: F401  (registers MaskRCNN and MODEL.MASK_ON / ROI_MASK_HEAD.*)

@@ -40,6 +40,17 @@ def list_images(inputs, limit=None):
     return files[:limit] if limit else files
 
 
+def _binary_masks(det: dict, keep: list):
+    """(K, H, W) bool masks of the kept detections, or None without a mask head."""
+    if "binary_masks" in det:
+        return det["binary_masks"][keep].numpy()
+    if "masks" in det:  # probabilities (K, 1, H, W) or masks (K, H, W)
+        masks = det["masks"][keep]
+        masks = masks[:, 0] if masks.dim() == 4 else masks
+        return (masks >= 0.5).numpy() if masks.is_floating_point() else masks.bool().numpy()
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,7 +72,7 @@ def main(argv=None) -> int:
         drawn = draw_instances(
             image, det["boxes"][keep].numpy(), [int(det["labels"][i]) for i in keep],
             class_names=model.metadata.class_names, scores=det["scores"][keep].tolist(),
-            masks=det["masks"][keep].numpy() if "masks" in det else None,
+            masks=_binary_masks(det, keep),
         )
         target = out_dir / f"{path.stem}.png"
         Image.fromarray(drawn).save(target)

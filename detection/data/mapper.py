@@ -31,7 +31,13 @@ from pycocotools import mask as mask_util
 
 from detection.data.image_io import ImageReadError, read_image
 
-__all__ = ["DatasetMapper", "MapDataset", "annotation_to_mask", "resize_scale"]
+__all__ = [
+    "DatasetMapper",
+    "InvalidSegmentationError",
+    "MapDataset",
+    "annotation_to_mask",
+    "resize_scale",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,23 +50,39 @@ def resize_scale(height: int, width: int, short_edge: float, max_size: float) ->
     return scale
 
 
-def annotation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+class InvalidSegmentationError(ValueError):
+    """A COCO segmentation that cannot become a mask (degenerate polygon, RLE of another size)."""
+
+
+def annotation_to_mask(segmentation: Any, height: int, width: int, *,
+                       ann_id: Any = None) -> np.ndarray:
     """A COCO segmentation (polygons, RLE with str/bytes counts, or uncompressed RLE) -> uint8
-    (height, width) mask."""
+    (height, width) mask. Raises :class:`InvalidSegmentationError`, naming ``ann_id``, for a
+    polygon of fewer than 3 points (6 numbers) or an odd count, and for an RLE whose size
+    differs from the image's."""
+    where = f"annotation {ann_id}" if ann_id is not None else "annotation"
     if isinstance(segmentation, list):
-        polys = [p for p in segmentation if len(p) >= 6]
-        if not polys:
-            return np.zeros((height, width), np.uint8)
-        rle = mask_util.merge(mask_util.frPyObjects(polys, height, width))
+        if not segmentation:
+            raise InvalidSegmentationError(f"{where}: empty polygon list")
+        for k, p in enumerate(segmentation):
+            if len(p) < 6 or len(p) % 2:
+                raise InvalidSegmentationError(
+                    f"{where}: polygon {k} has {len(p)} coordinates; a polygon needs at least "
+                    "3 points (6 numbers), as x, y pairs")
+        rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
     elif isinstance(segmentation, dict):
+        size = segmentation.get("size")
+        if size is None or tuple(int(v) for v in size) != (height, width):
+            raise InvalidSegmentationError(
+                f"{where}: RLE size {size} does not match its image's (height, width) "
+                f"{(height, width)}")
         if isinstance(segmentation.get("counts"), list):
             rle = mask_util.frPyObjects(segmentation, height, width)
         else:
             rle = segmentation
-            if tuple(rle["size"]) != (height, width):
-                raise ValueError(f"RLE size {rle['size']} does not match image {(height, width)}")
     else:
-        raise ValueError(f"Unsupported segmentation type {type(segmentation).__name__}")
+        raise InvalidSegmentationError(
+            f"{where}: unsupported segmentation type {type(segmentation).__name__}")
     with warnings.catch_warnings():  # pycocotools' numpy-2 copy= DeprecationWarning
         warnings.simplefilter("ignore", DeprecationWarning)
         return np.ascontiguousarray(mask_util.decode(rle), dtype=np.uint8)
@@ -103,6 +125,7 @@ class DatasetMapper:
         self.skip_missing_images = skip_missing_images
         self.resize = resize
         self.num_skipped_images = 0
+        self.num_skipped_instances = 0  # with mask_on: degenerate polygons (warned, not trained)
 
     @classmethod
     def from_config(cls, cfg: Any, is_train: bool) -> DatasetMapper:
@@ -190,6 +213,22 @@ class DatasetMapper:
 
         rng = rng if rng is not None else np.random.default_rng()
         anns = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+        masks: dict[int, np.ndarray] = {}
+        if self.mask_on:  # decode first: an instance without a usable mask is skipped
+            valid = []
+            for a in anns:
+                try:
+                    masks[len(valid)] = annotation_to_mask(a["segmentation"], h, w,
+                                                           ann_id=a.get("id"))
+                except InvalidSegmentationError as e:
+                    if not isinstance(a["segmentation"], list):  # a wrong RLE: the data is bad
+                        raise
+                    self.num_skipped_instances += 1
+                    logger.warning("Skipping an instance of image_id %s (%d skipped so far): %s",
+                                   record.get("image_id"), self.num_skipped_instances, e)
+                    continue
+                valid.append(a)
+            anns = valid
         boxes, labels, keep = [], [], []
         for i, a in enumerate(anns):  # albumentations raises on invalid boxes: clean first
             x0, y0, x1, y1 = (float(v) for v in a["bbox"])
@@ -206,7 +245,7 @@ class DatasetMapper:
             "indices": list(range(len(keep))),
         }
         if self.mask_on and keep:
-            kwargs["masks"] = [annotation_to_mask(anns[i]["segmentation"], h, w) for i in keep]
+            kwargs["masks"] = [masks[i] for i in keep]
         res = self._transforms(h, w, rng)(**kwargs)
 
         img = res["image"]

@@ -3,8 +3,9 @@ it and resized to ``M x M``.
 
 The data mapper turns every COCO segmentation (polygons, compressed or uncompressed RLE) into
 a bitmask of the augmented image (``instances["masks"]``, uint8 ``(G, H, W)``), so the targets
-are computed from bitmasks only, as torchvision does: RoIAlign over the mask itself with the
-RoI as the box (bilinear, adaptive sampling), which gives soft targets in [0, 1] at the edges.
+are computed from bitmasks only, as the peers do: RoIAlign over the mask itself with the RoI
+as the box (bilinear, adaptive sampling). torchvision keeps the soft values at the edges;
+detectron2 shifts by half a pixel (aligned) and binarizes at 0.5.
 """
 
 from typing import List, Sequence
@@ -36,7 +37,8 @@ def crop_and_resize(masks: Tensor, boxes: Tensor, matched: Tensor, size: int, *,
         boxes: ``(R, 4)`` xyxy RoIs.
         matched: ``(R,)`` index of each RoI's instance in ``masks``.
         size: M, the side of the targets.
-        aligned: RoIAlign's half-pixel shift (detectron2's ROIAlignV2); torchvision: False.
+        aligned: detectron2's convention: RoIAlign with the half-pixel shift, then targets
+            binarized at 0.5. False: torchvision's, soft targets without the shift.
 
     Returns:
         ``(R, M, M)`` float targets in [0, 1].
@@ -47,8 +49,9 @@ def crop_and_resize(masks: Tensor, boxes: Tensor, matched: Tensor, size: int, *,
         raise ValueError(f"instance masks must be (G, H, W), got {tuple(masks.shape)}")
     dtype = boxes.dtype if boxes.is_floating_point() else torch.float32
     rois = torch.cat([matched.to(dtype)[:, None], boxes.to(dtype)], dim=1)
-    return roi_align(masks[:, None].to(device=boxes.device, dtype=dtype), rois, (size, size),
-                     spatial_scale=1.0, sampling_ratio=-1, aligned=aligned)[:, 0]
+    out = roi_align(masks[:, None].to(device=boxes.device, dtype=dtype), rois, (size, size),
+                    spatial_scale=1.0, sampling_ratio=-1, aligned=aligned)[:, 0]
+    return (out >= 0.5).to(dtype) if aligned else out
 
 
 def mask_targets(masks: Sequence[Tensor], boxes: Sequence[Tensor], matched: Sequence[Tensor],

@@ -19,6 +19,15 @@ POST_NMS = 200  # proposals per image: keeps the float64 heads cheap
 DETECTIONS = 60
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a small shared CPU, far faster than contended threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _images():
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -82,7 +91,7 @@ def _check_parity(ref, ours: MaskRCNN) -> None:
 
 
 @pytest.mark.slow
-def test_torchvision_maskrcnn_v1_parity():
+def test_torchvision_maskrcnn_v1_parity(one_thread):
     ref = _reference(maskrcnn_resnet50_fpn)
     ours = _our_model("maskrcnn_resnet50_fpn.yaml")
     load_state_dict(ours, torchvision_to_ours(ref.state_dict()))
@@ -90,7 +99,7 @@ def test_torchvision_maskrcnn_v1_parity():
 
 
 @pytest.mark.slow
-def test_torchvision_maskrcnn_v2_parity():
+def test_torchvision_maskrcnn_v2_parity(one_thread):
     ref = _reference(maskrcnn_resnet50_fpn_v2)
     ours = _our_model("maskrcnn_resnet50_fpn_v2.yaml")
     load_state_dict(ours, torchvision_to_ours(ref.state_dict()))
