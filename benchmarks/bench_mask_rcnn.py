@@ -1,0 +1,105 @@
+"""Mask R-CNN R50-FPN inference: ours against torchvision's maskrcnn_resnet50_fpn, same
+weights (random, with calibrated BatchNorm statistics), same process, one 800x1067 image.
+
+    python benchmarks/bench_mask_rcnn.py [--runs 5] [--threads 2]
+
+Prints median times (torchvision; ours as built; ours with ``optimize_for_inference``), the
+ratios to torchvision, and how closely the detections and pasted masks agree.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from torchvision.models.detection import maskrcnn_resnet50_fpn  # noqa: E402
+from torchvision.ops import box_iou  # noqa: E402
+
+import segmentation  # noqa: E402, F401  (MODEL.MASK_ON)
+from detection.config import load_config  # noqa: E402
+from detection.modeling.calibration import calibrate_batchnorm  # noqa: E402
+from detection.modeling.convert import load_state_dict  # noqa: E402
+from segmentation.mask_rcnn import build_mask_rcnn, torchvision_to_ours  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs/torchvision/maskrcnn_resnet50_fpn.yaml"
+
+
+def median_time(fn, runs: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def image() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    coarse = torch.rand(3, 100, 134, generator=gen)
+    img = torch.nn.functional.interpolate(coarse[None], size=(800, 1067), mode="bilinear")[0]
+    return ((img + 0.1 * torch.rand(img.shape, generator=gen)).clamp(0, 1) * 255).round()
+
+
+def ours_from(ref) -> torch.nn.Module:
+    cfg = load_config(CONFIG)
+    cfg.MODEL.BACKBONE.WEIGHTS = ""
+    model = build_mask_rcnn(cfg)
+    load_state_dict(model, torchvision_to_ours(ref.state_dict()))
+    return model.eval()
+
+
+def agreement(expected: dict, got: dict) -> tuple:
+    """(share of torchvision's detections that ours has too: same label, IoU > 0.99; max mask
+    probability difference over those pairs)."""
+    n = expected["boxes"].shape[0]
+    if n == 0 or got["boxes"].shape[0] == 0:
+        return float(n == got["boxes"].shape[0]), 0.0
+    iou = box_iou(expected["boxes"], got["boxes"])
+    iou = iou * (expected["labels"][:, None] == got["labels"][None] + 1)
+    best, idx = iou.max(dim=1)
+    ok = best > 0.99
+    diff = (expected["masks"][ok] - got["masks"][idx[ok]]).abs().max().item() if ok.any() else 0
+    return ok.float().mean().item(), diff
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    img = image()
+    ref = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
+    with torch.no_grad():  # livelier heads than the default init, so that scores pass 0.05
+        torch.nn.init.normal_(ref.rpn.head.cls_logits.weight, std=0.3)
+        torch.nn.init.normal_(ref.roi_heads.box_predictor.cls_score.weight, std=0.05)
+        torch.nn.init.normal_(ref.roi_heads.mask_predictor.mask_fcn_logits.weight, std=0.05)
+        calibrate_batchnorm(ref, lambda: ref([img / 255]))
+    plain = ours_from(ref)
+    fast = ours_from(ref).optimize_for_inference(channels_last=True)
+    with torch.inference_mode():
+        expected = ref([img / 255])[0]
+        rows = []
+        for name, model in (("ours", plain), ("ours, optimized", fast)):
+            share, mask_diff = agreement(expected, model([img])[0])
+            rows.append((name, model, share, mask_diff))
+        t_ref = median_time(lambda: ref([img / 255]), args.runs)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, image 800x1067, "
+              f"{expected['boxes'].shape[0]} detections, median of {args.runs} runs")
+        print(f"torchvision maskrcnn_resnet50_fpn: {t_ref:.3f} s")
+        for name, model, share, mask_diff in rows:
+            t = median_time(lambda m=model: m([img]), args.runs)
+            print(f"{name}: {t:.3f} s, ratio {t / t_ref:.2f}x; detections matched "
+                  f"{100 * share:.1f} %, max |mask prob diff| {mask_diff:.1e}")
+
+
+if __name__ == "__main__":
+    main()
