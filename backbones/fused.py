@@ -40,24 +40,20 @@ class FusedConv2d(nn.Module):
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.relu = self.fused_relu = relu
-        # oneDNN's own weight layout, made once: reordering the weight on every call costs
-        # as much as a small convolution. Not a parameter or buffer (state_dict is unchanged).
-        self._packed = None
-        if self.weight.dtype == torch.float32 and self.weight.device.type == "cpu":
-            self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                self.weight.detach().to_mkldnn(), self.padding, self.stride, self.dilation,
-                self.groups, None)
+        # Measured here: oneDNN's blocked weight layout made ahead of time
+        # (mkldnn_reorder_conv2d_weight) was slower than a channels_last weight, which
+        # prepare_for_inference gives every conv; so the weight stays a plain tensor.
 
     def forward(self, x: Tensor, other: Optional[Tensor] = None) -> Tensor:
-        if self._packed is not None and _use_fused(x) and self.weight.dtype == torch.float32:
+        if _use_fused(x) and self.weight.dtype == torch.float32:
             op = torch.ops.mkldnn._convolution_pointwise
             unary = "relu" if self.relu else "none"
             if other is None:
-                return op(x, self._packed, self.bias, self.padding, self.stride,
+                return op(x, self.weight, self.bias, self.padding, self.stride,
                           self.dilation, self.groups, unary, [], "")
             other = other.contiguous(memory_format=torch.channels_last) \
                 if x.is_contiguous(memory_format=torch.channels_last) else other.contiguous()
-            return op.binary(x, other, self._packed, self.bias, self.padding, self.stride,
+            return op.binary(x, other, self.weight, self.bias, self.padding, self.stride,
                              self.dilation, self.groups, "add", 1.0,
                              "relu" if self.relu else None, [], "")
         out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
