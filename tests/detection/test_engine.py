@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
 
 from detection.config import load_config
 from detection.data import shapes
@@ -238,9 +239,8 @@ def test_command_line_train_then_eval(tiny_data, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     pictures = sorted((tmp_path / "demo").glob("*.png"))
     assert len(pictures) == 2
-    from PIL import Image
-
     from detection.data.image_io import read_image
+
     drawn = np.asarray(Image.open(pictures[0]))
     original = read_image(Path(val_images) / (pictures[0].stem + ".jpg"))
     assert drawn.shape == original.shape and (drawn != original).any()  # boxes were drawn
@@ -258,3 +258,21 @@ def test_command_line_train_then_eval(tiny_data, tmp_path):
     res = subprocess.run(cmd + ["SOLVER.BASE_RL", "0.1"], capture_output=True, text=True,
                          env=env, timeout=600)
     assert res.returncode != 0 and "SOLVER.BASE_LR" in res.stderr
+
+
+def test_visualize_data_draws_annotations_and_augmented_samples(tiny_data, tmp_path):
+    train = tiny_data[0]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for source in ("annotation", "train"):
+        out = tmp_path / source
+        res = subprocess.run(
+            [sys.executable, str(REPO / "tools" / "visualize_data.py"), "--config",
+             "faster_rcnn_r18_fpn_shapes.yaml", "--dataset", train, "--source", source,
+             "--num", "3", "--out", str(out), "INPUT.MIN_SIZE_TRAIN", "(160,)"],
+            capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        pictures = sorted(out.glob("*.png"))
+        assert len(pictures) == 3
+        size = np.asarray(Image.open(pictures[0])).shape
+        # annotations are drawn on the image as stored; augmented samples are resized
+        assert (min(size[:2]) == 160) == (source == "train")
