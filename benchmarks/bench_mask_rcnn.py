@@ -8,15 +8,15 @@ ratios to torchvision, and how closely the detections and pasted masks agree.
 """
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_faster_rcnn import image, median_time  # noqa: E402  (the same image and timing)
 from torchvision.models.detection import maskrcnn_resnet50_fpn  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 
@@ -27,23 +27,6 @@ from detection.modeling.convert import load_state_dict  # noqa: E402
 from segmentation.mask_rcnn import build_mask_rcnn, torchvision_to_ours  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs/torchvision/maskrcnn_resnet50_fpn.yaml"
-
-
-def median_time(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def image() -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    coarse = torch.rand(3, 100, 134, generator=gen)
-    img = torch.nn.functional.interpolate(coarse[None], size=(800, 1067), mode="bilinear")[0]
-    return ((img + 0.1 * torch.rand(img.shape, generator=gen)).clamp(0, 1) * 255).round()
 
 
 def ours_from(ref) -> torch.nn.Module:
