@@ -25,10 +25,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from detection.data.image_io import ImageReadError, read_image
-from detection.data.mapper import annotation_to_mask, resize_scale
+from detection.data.mapper import InvalidSegmentationError, annotation_to_mask, resize_scale
 
 __all__ = ["SemanticDatasetMapper", "read_label_map", "sem_seg_from_coco"]
 
+_SKIPPED_POLYGONS = [0]  # instances with degenerate polygons skipped by sem_seg_from_coco
 logger = logging.getLogger(__name__)
 
 
@@ -75,7 +76,16 @@ def sem_seg_from_coco(
         if not 1 <= label < num_classes:
             raise ValueError(f"{record.get('file_name')}: annotation category {label - 1} does "
                              f"not fit {num_classes} classes (background + {num_classes - 1})")
-        mask = annotation_to_mask(ann["segmentation"], h, w).astype(bool)
+        try:
+            mask = annotation_to_mask(ann["segmentation"], h, w,
+                                      ann_id=ann.get("id")).astype(bool)
+        except InvalidSegmentationError as e:
+            if not isinstance(ann["segmentation"], list):  # an RLE of another size: bad data
+                raise
+            _SKIPPED_POLYGONS[0] += 1  # a degenerate polygon paints nothing, as in training
+            logger.warning("%s: skipped an instance (%d so far): %s", record.get("file_name"),
+                           _SKIPPED_POLYGONS[0], e)
+            continue
         if ann.get("iscrowd", 0):
             crowd |= mask
         else:

@@ -123,3 +123,17 @@ def test_coco_records_without_label_files_get_painted_maps(tmp_path):
         agree = (painted == shipped) | (shipped == 255)
         assert bool(agree.all())  # the shipped maps only add the ignored boundary band
 
+
+
+def test_sem_seg_from_coco_skips_degenerate_polygons_and_refuses_wrong_rle():
+    square = [[2, 2, 8, 2, 8, 8, 2, 8]]
+    record = {"file_name": "x.jpg", "height": 12, "width": 12, "annotations": [
+        {"id": 1, "category_id": 0, "segmentation": square, "iscrowd": 0},
+        {"id": 2, "category_id": 1, "segmentation": [[1, 1, 5, 5]], "iscrowd": 0},  # 2 points
+    ]}
+    sem = sem_seg_from_coco(record, num_classes=3)
+    assert set(np.unique(sem).tolist()) == {0, 1}  # the degenerate instance painted nothing
+    record["annotations"].append({"id": 3, "category_id": 1, "iscrowd": 0,
+                                  "segmentation": {"size": [10, 12], "counts": [120]}})
+    with pytest.raises(ValueError, match=r"annotation 3: RLE size \[10, 12\]"):
+        sem_seg_from_coco(record, num_classes=3)
