@@ -165,8 +165,15 @@ def config_from_checkpoint(path: str) -> Any:
     state = load_checkpoint(path)
     if not isinstance(state, dict) or not state.get("config"):
         raise ValueError(f"{path} carries no config: give --config as well")
+    from detection.config import ConfigKeyError
+
     cfg = get_cfg()
-    cfg.merge_from_other_cfg(FvCfgNode.load_cfg(state["config"]))
+    try:
+        cfg.merge_from_other_cfg(FvCfgNode.load_cfg(state["config"]))
+    except ConfigKeyError as e:
+        raise ConfigKeyError(f"{path}: {e}. The checkpoint's config has keys that another "
+                             "package registers: `import segmentation` before loading it "
+                             "(the tools do)") from e
     return cfg
 
 
