@@ -40,6 +40,16 @@ def median_time(fn, runs: int) -> float:
     return statistics.median(times)
 
 
+def conv_ceiling(runs: int = 5) -> float:
+    """GFLOP/s (2 per multiply-add) of a large 3x3 conv in channels_last: this CPU's fp32
+    ceiling for the model's dominant layer."""
+    x = torch.randn(1, 256, 200, 272).contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        t = median_time(lambda: conv(x), runs)
+    return 2 * 256 * 256 * 9 * 200 * 272 / t / 1e9
+
+
 def image() -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     coarse = torch.rand(3, 100, 134, generator=gen)
@@ -110,8 +120,12 @@ def main() -> None:
             flops = FlopCountAnalysis(Wrapped(ours_plain), img)
             flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             total = flops.total()
+        ceiling = conv_ceiling()
         print(f"  fvcore: {total / 1e9:.1f} G multiply-adds; ours achieves "
               f"{2 * total / t_ours / 1e9:.0f} GFLOP/s, torchvision {2 * total / t_ref / 1e9:.0f}")
+        print(f"  conv ceiling here (3x3, 256->256, 200x272, channels_last): {ceiling:.0f} GFLOP/s"
+              f"; floor for this model {2 * total / ceiling / 1e9:.2f} s "
+              f"({2 * total / ceiling / 1e9 / t_ref:.2f}x torchvision)")
     except Exception as err:  # fvcore's tracer is optional here
         print(f"  fvcore count failed: {err}")
 
