@@ -23,7 +23,7 @@ from torchvision.ops import box_iou  # noqa: E402
 
 from backbones import freeze_batchnorm  # noqa: E402
 from detection.modeling.build import build_model  # noqa: E402
-from detection.modeling.calibration import calibrate_batchnorm  # noqa: E402
+from detection.modeling.calibration import calibrate_batchnorm, textured_image  # noqa: E402
 from detection.modeling.convert import load_state_dict, torchvision_to_ours  # noqa: E402
 from detection.modeling.defaults import add_model_config  # noqa: E402
 
@@ -51,10 +51,17 @@ def conv_ceiling(runs: int = 5) -> float:
 
 
 def image() -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    coarse = torch.rand(3, 100, 134, generator=gen)
-    img = torch.nn.functional.interpolate(coarse[None], size=(800, 1067), mode="bilinear")[0]
-    return ((img + 0.1 * torch.rand(img.shape, generator=gen)).clamp(0, 1) * 255).round()
+    return textured_image(800, 1067, generator=torch.Generator().manual_seed(0))
+
+
+def lively_reference(ref: torch.nn.Module, img: torch.Tensor) -> torch.nn.Module:
+    """torchvision's random model with livelier heads than its default init, so that scores
+    pass 0.05, and BatchNorm statistics calibrated on ``img``."""
+    with torch.no_grad():
+        torch.nn.init.normal_(ref.rpn.head.cls_logits.weight, std=0.3)
+        torch.nn.init.normal_(ref.roi_heads.box_predictor.cls_score.weight, std=0.05)
+        calibrate_batchnorm(ref, lambda: ref([img / 255]))
+    return ref
 
 
 def ours_from(ref) -> torch.nn.Module:
@@ -75,11 +82,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     img = image()
-    ref = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
-    with torch.no_grad():  # livelier heads than the default init, so that scores pass 0.05
-        torch.nn.init.normal_(ref.rpn.head.cls_logits.weight, std=0.3)
-        torch.nn.init.normal_(ref.roi_heads.box_predictor.cls_score.weight, std=0.05)
-        calibrate_batchnorm(ref, lambda: ref([img / 255]))
+    ref = lively_reference(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval(),
+                           img)
     ours_plain = ours_from(ref).eval()
     ours = ours_from(ref).eval().optimize_for_inference(channels_last=True)
 

@@ -16,13 +16,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_faster_rcnn import image, median_time  # noqa: E402  (the same image and timing)
+from bench_faster_rcnn import image, lively_reference, median_time  # noqa: E402  (the same image and timing)
 from torchvision.models.detection import maskrcnn_resnet50_fpn  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 
 import segmentation  # noqa: E402, F401  (MODEL.MASK_ON)
 from detection.config import load_config  # noqa: E402
-from detection.modeling.calibration import calibrate_batchnorm  # noqa: E402
 from detection.modeling.convert import load_state_dict  # noqa: E402
 from segmentation.mask_rcnn import build_mask_rcnn, torchvision_to_ours  # noqa: E402
 
@@ -61,11 +60,9 @@ def main() -> None:
     torch.manual_seed(0)
     img = image()
     ref = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
-    with torch.no_grad():  # livelier heads than the default init, so that scores pass 0.05
-        torch.nn.init.normal_(ref.rpn.head.cls_logits.weight, std=0.3)
-        torch.nn.init.normal_(ref.roi_heads.box_predictor.cls_score.weight, std=0.05)
+    with torch.no_grad():
         torch.nn.init.normal_(ref.roi_heads.mask_predictor.mask_fcn_logits.weight, std=0.05)
-        calibrate_batchnorm(ref, lambda: ref([img / 255]))
+    ref = lively_reference(ref, img)
     plain = ours_from(ref)
     fast = ours_from(ref).optimize_for_inference(channels_last=True)
     with torch.inference_mode():

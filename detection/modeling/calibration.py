@@ -9,6 +9,18 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 
+def textured_image(height: int, width: int, *, noise: float = 0.1,
+                   generator: torch.Generator) -> torch.Tensor:
+    """A ``(3, H, W)`` RGB image on a 0-255 scale: smooth colour regions (random values on an
+    eighth-size grid, bilinearly upsampled) plus pixel noise. Calibrating on such images gives
+    statistics under which random-weight detectors produce many, well-spread detections."""
+    coarse = torch.rand(3, max(height // 8, 1), max(width // 8, 1), generator=generator)
+    img = torch.nn.functional.interpolate(coarse[None], size=(height, width),
+                                          mode="bilinear")[0]
+    img = img + noise * torch.rand(3, height, width, generator=generator)
+    return (img.clamp(0, 1) * 255).round()
+
+
 @torch.no_grad()
 def calibrate_batchnorm(model: nn.Module, run: Callable[[], object], *, jitter: float = 0.1,
                         seed: int = 0) -> nn.Module:

@@ -37,6 +37,17 @@ class MaskHead(Protocol):
                 detections: List[Detections]) -> List[Detections]: ...
 
 
+def conv_stack(in_channels: int, dims: Sequence[int], norm: str) -> nn.ModuleList:
+    """3x3 convs (each with an optional norm; the caller applies ReLU) of the box and mask
+    heads, He-initialised for the ReLUs that follow them."""
+    convs = nn.ModuleList()
+    for dim in dims:
+        convs.append(ConvNorm(in_channels, dim, 3, norm))
+        nn.init.kaiming_normal_(convs[-1].conv.weight, mode="fan_out", nonlinearity="relu")
+        in_channels = dim
+    return convs
+
+
 class FastRCNNConvFCHead(nn.Module):
     """``len(conv_dims)`` 3x3 convs (each conv, optional norm, ReLU), flatten, then
     ``len(fc_dims)`` fully connected layers with ReLU. ``(R, C, S, S)`` -> ``(R, D)``."""
@@ -44,12 +55,8 @@ class FastRCNNConvFCHead(nn.Module):
     def __init__(self, *, in_channels: int, resolution: int, conv_dims: Sequence[int] = (),
                  fc_dims: Sequence[int] = (1024, 1024), norm: str = "none") -> None:
         super().__init__()
-        self.convs = nn.ModuleList()
-        for dim in conv_dims:
-            self.convs.append(ConvNorm(in_channels, dim, 3, norm))
-            nn.init.kaiming_normal_(self.convs[-1].conv.weight, mode="fan_out",
-                                    nonlinearity="relu")
-            in_channels = dim
+        self.convs = conv_stack(in_channels, conv_dims, norm)
+        in_channels = conv_dims[-1] if conv_dims else in_channels
         size = in_channels * resolution * resolution
         self.fcs = nn.ModuleList()
         for dim in fc_dims:

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backbones.fpn import ConvNorm
 from detection.modeling.poolers import ROIPooler
+from detection.modeling.roi_heads import conv_stack
 from detection.modeling.structures import Detections, SampledProposals
 
 from .targets import mask_targets
@@ -43,12 +43,8 @@ class MaskRCNNHead(nn.Module):
         self.in_features, self.pooler = list(in_features), pooler
         self.num_classes, self.cls_agnostic = num_classes, cls_agnostic
         self.target_aligned = target_aligned
-        self.convs = nn.ModuleList()
-        for dim in conv_dims:
-            self.convs.append(ConvNorm(in_channels, dim, 3, norm))
-            nn.init.kaiming_normal_(self.convs[-1].conv.weight, mode="fan_out",
-                                    nonlinearity="relu")
-            in_channels = dim
+        self.convs = conv_stack(in_channels, conv_dims, norm)
+        in_channels = conv_dims[-1] if conv_dims else in_channels
         self.deconv = nn.ConvTranspose2d(in_channels, in_channels, 2, stride=2)
         nn.init.kaiming_normal_(self.deconv.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.deconv.bias)

@@ -129,30 +129,29 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(tiny_da
     assert not (tmp_path / "model_final.pth").exists()
 
 
-def test_warmup_multistep_and_cosine_schedules():
-    cfg = load_config(None, ["SOLVER.MAX_ITER", "100", "SOLVER.STEPS", "(60, 80)",
-                             "SOLVER.WARMUP_ITERS", "10", "SOLVER.BASE_LR", "0.1"])
-    model = torch.nn.Linear(2, 2)
-    opt = build_optimizer(cfg, model)
+def _lr_curve(cfg, iters=100):
+    """The lr of each of ``iters`` optimizer steps under the config's schedule."""
+    opt = build_optimizer(cfg, torch.nn.Linear(2, 2))
     sched = build_lr_scheduler(cfg, opt)
     lrs = []
-    for _ in range(100):
+    for _ in range(iters):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return lrs
+
+
+def test_warmup_multistep_and_cosine_schedules():
+    cfg = load_config(None, ["SOLVER.MAX_ITER", "100", "SOLVER.STEPS", "(60, 80)",
+                             "SOLVER.WARMUP_ITERS", "10", "SOLVER.BASE_LR", "0.1"])
+    lrs = _lr_curve(cfg)
     assert lrs[0] == pytest.approx(0.1 * 0.001)
     assert lrs[5] == pytest.approx(0.1 * (0.001 * 0.5 + 0.5))  # linear from 0.001 to 1
     assert lrs[10] == pytest.approx(0.1) and lrs[59] == pytest.approx(0.1)
     assert lrs[60] == pytest.approx(0.01) and lrs[80] == pytest.approx(0.001)
     cfg.defrost()
     cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupCosineLR"
-    opt = build_optimizer(cfg, model)
-    sched = build_lr_scheduler(cfg, opt)
-    lrs = []
-    for _ in range(100):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = _lr_curve(cfg)
     assert lrs[50] == pytest.approx(0.05, rel=1e-6)  # half-way down the cosine
     assert lrs[99] < 0.001 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 

@@ -9,7 +9,7 @@ from fvcore.common.config import CfgNode
 from torchvision.models.detection import fasterrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn_v2
 
 from detection.modeling.build import build_model
-from detection.modeling.calibration import calibrate_batchnorm
+from detection.modeling.calibration import calibrate_batchnorm, textured_image
 from detection.modeling.convert import load_state_dict, torchvision_to_ours
 from detection.modeling.defaults import add_model_config
 
@@ -20,13 +20,7 @@ POST_NMS = 300  # proposals per image (1000 by default): keeps the float64 heads
 
 def _images():
     gen = torch.Generator().manual_seed(0)
-    out = []
-    for h, w in ((240, 320), (300, 220)):
-        coarse = torch.rand(3, h // 8, w // 8, generator=gen)
-        img = torch.nn.functional.interpolate(coarse[None], size=(h, w), mode="bilinear")[0]
-        img = img + 0.15 * torch.rand(3, h, w, generator=gen)
-        out.append((img.clamp(0, 1) * 255).round())
-    return out
+    return [textured_image(h, w, noise=0.15, generator=gen) for h, w in ((240, 320), (300, 220))]
 
 
 def _our_model(config: str):

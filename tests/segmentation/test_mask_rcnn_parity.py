@@ -9,7 +9,7 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet5
 
 import segmentation  # noqa: F401  (MODEL.MASK_ON, ROI_MASK_HEAD.*)
 from detection.config import load_config
-from detection.modeling.calibration import calibrate_batchnorm
+from detection.modeling.calibration import calibrate_batchnorm, textured_image
 from detection.modeling.convert import load_state_dict
 from segmentation.mask_rcnn import MaskRCNN, build_mask_rcnn, torchvision_to_ours
 
@@ -30,13 +30,7 @@ def one_thread():
 
 def _images():
     gen = torch.Generator().manual_seed(0)
-    out = []
-    for h, w in ((240, 320), (300, 220)):
-        coarse = torch.rand(3, h // 8, w // 8, generator=gen)
-        img = torch.nn.functional.interpolate(coarse[None], size=(h, w), mode="bilinear")[0]
-        img = img + 0.15 * torch.rand(3, h, w, generator=gen)
-        out.append((img.clamp(0, 1) * 255).round())
-    return out
+    return [textured_image(h, w, noise=0.15, generator=gen) for h, w in ((240, 320), (300, 220))]
 
 
 def _our_model(config: str) -> MaskRCNN:
