@@ -305,6 +305,10 @@ def _defaults() -> CfgNode:
     _C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
     # Skip (and count) records whose image file is missing instead of raising.
     _C.DATALOADER.SKIP_MISSING_IMAGES = False
+    # Check every record before training / evaluation: "fast" (file exists, header readable,
+    # size equals the json's after EXIF), "full" (also decode every image and validate every
+    # segmentation) or "off".
+    _C.DATALOADER.CHECK_DATA = "fast"
 
     _C.SOLVER = CfgNode()
     _C.SOLVER.OPTIMIZER = "SGD"  # "SGD" or "AdamW"
@@ -338,6 +342,10 @@ def _defaults() -> CfgNode:
     _C.TEST.DETECTIONS_PER_IMAGE = 100
     # COCO AP engine: "auto" (faster-coco-eval when installed), "pycocotools", "faster_coco_eval"
     _C.TEST.EVAL_ENGINE = "auto"
+    # Inference runtime of the tools: "torch", "onnxruntime" or "openvino"; and its precision,
+    # "fp32" or "bf16" (convolutions in bf16; boxes, scores and NMS in float32).
+    _C.TEST.RUNTIME = "torch"
+    _C.TEST.PRECISION = "fp32"
 
     _C.OUTPUT_DIR = "./output"
     # Seeds the sampler's shuffles and per-sample augmentation; a negative value means
