@@ -65,7 +65,7 @@ def read_image(path: str | os.PathLike, *, exif_transpose: bool = True) -> np.nd
             return _to_rgb(img)
     except UnidentifiedImageError as e:
         raise ImageReadError(f"Not a readable image (corrupt or unknown format): {path}") from e
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"Cannot decode image {path} (truncated or corrupt): {e}") from e
 
 
@@ -82,5 +82,5 @@ def image_size(path: str | os.PathLike, *, exif_transpose: bool = True) -> tuple
             return h, w
     except FileNotFoundError as e:
         raise ImageReadError(f"Image file not found: {path}") from e
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"Not a readable image: {path}: {e}") from e
