@@ -87,37 +87,58 @@ def _on_rank0(fn: Callable[[], Any]) -> Any:
     return box[0]
 
 
-def checked_records(cfg: Any, records: list[dict], names: Sequence[str] = (), *,
-                    mode: str | None = None) -> list[dict]:
-    """``records`` after the data check ``cfg.DATALOADER.CHECK_DATA`` (module doc).
-
-    ``names`` are the datasets the records come from: the annotations their json loader
-    skipped are added to the report.
-    """
+def _check_mode(cfg: Any, mode: str | None) -> str:
     mode = str(cfg.DATALOADER.CHECK_DATA if mode is None else mode).lower()
     if mode not in MODES:
         raise ValueError(f"DATALOADER.CHECK_DATA must be one of {MODES}, got {mode!r}")
-    if mode == "off":
-        return records
+    return mode
+
+
+def check_report(cfg: Any, records: list[dict], names: Sequence[str] = (), *,
+                 mode: str | None = None, progress: bool = True) -> DataReport:
+    """The data check's report on ``records`` (mode: ``cfg.DATALOADER.CHECK_DATA`` unless
+    given; "fast" or "full"). ``names`` are the datasets the records come from: the
+    annotations their json loader skipped are added. Cached per process; shared by rank 0."""
+    mode = _check_mode(cfg, mode)
     model = cfg.get("MODEL", None)
     mask_on = bool(model.get("MASK_ON", False)) if model is not None else False
     name = ",".join(names) if names else "the given records"
     key = (name, mode, mask_on, hash(tuple(
         (r.get("file_name"), r.get("height"), r.get("width"), len(r.get("annotations") or ()))
         for r in records)))
-    report = _CHECKED.get(key)
-    if report is None:
-        skipped: dict[str, list] = {}
-        for n in names:
-            for kind, ids in get_metadata(n).get("load_skipped_ids", {}).items():
-                skipped.setdefault(kind, []).extend(ids)
-        rank = dist_rank_world()[0]
-        report = _on_rank0(lambda: check_records(
-            records, mode=mode, mask_on=mask_on, name=name, progress=rank == 0,
-            workers=min(8, os.cpu_count() or 1), load_skipped=skipped))
-        if len(_CHECKED) > 16:
-            _CHECKED.clear()
-        _CHECKED[key] = report
+    if key in _CHECKED:
+        return _CHECKED[key]
+    skipped: dict[str, list] = {}
+    for n in names:
+        for kind, ids in get_metadata(n).get("load_skipped_ids", {}).items():
+            skipped.setdefault(kind, []).extend(ids)
+    show = progress and dist_rank_world()[0] == 0
+    report = _on_rank0(lambda: check_records(
+        records, mode=mode, mask_on=mask_on, name=name, progress=show,
+        workers=min(8, os.cpu_count() or 1), load_skipped=skipped))
+    if len(_CHECKED) > 16:
+        _CHECKED.clear()
+    _CHECKED[key] = report
+    return report
+
+
+def check_datasets(cfg: Any, names: Sequence[str], *, mode: str | None = None
+                   ) -> dict[str, DataReport]:
+    """Load and check each named dataset (tools/check_data.py); one report per name."""
+    if cfg.DATASETS.ROOT:
+        set_datasets_root(cfg.DATASETS.ROOT)
+    return {n: check_report(cfg, get_dataset_records(n, filter_empty=False), [n], mode=mode)
+            for n in names}
+
+
+def checked_records(cfg: Any, records: list[dict], names: Sequence[str] = (), *,
+                    mode: str | None = None) -> list[dict]:
+    """``records`` after the data check ``cfg.DATALOADER.CHECK_DATA`` (module doc): the usable
+    ones, or DataCheckError with the table when some are unusable and skipping is off."""
+    if _check_mode(cfg, mode) == "off":
+        return records
+    report = check_report(cfg, records, names, mode=mode)
+    name = report.name
     kept = apply_report(records, report, skip=bool(cfg.DATALOADER.SKIP_MISSING_IMAGES),
                         log=logger)
     if not kept:

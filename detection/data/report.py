@@ -80,7 +80,7 @@ class DataReport:
         head = (f"check_data ({self.mode}) of {self.name or 'the dataset'}: "
                 f"{self.num_records} records in {self.seconds:.1f} s; "
                 f"{len(self.unusable)} unusable, "
-                f"{self.num_annotations_skipped()} annotation(s) skipped")
+                f"{self.num_annotations_skipped()} annotation problem(s)")
         rows = [("problem", "count", "action", "first examples")]
         for kind in ACTIONS:
             if not counts[kind]:
