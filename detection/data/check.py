@@ -42,6 +42,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Iterable
 
 from detection.data.annotations import annotation_box_label, validate_segmentation
+from detection.data.coco import MIN_BOX_SIZE
 from detection.data.errors import DatasetError, InvalidAnnotationError
 from detection.data.image_io import ImageReadError, image_size, read_image
 from detection.data.report import ACTIONS, DataReport, Finding
@@ -100,6 +101,9 @@ def _check_one(item: tuple) -> tuple[int, list[tuple], tuple[int, int] | None, l
     elif (rh, rw) != (h, w):
         findings.append(("size_mismatch", None, _mismatch_detail(path, rh, rw, h, w)))
     drop: list[int] = []
+    if anns is None:  # a field 'annotations' that is not a list: none are usable
+        findings.append(("invalid_annotation", None, "field 'annotations' is not a list"))
+        return index, findings, fix, [0]
     for pos, ann_id, ann in anns:
         try:
             box, _ = annotation_box_label(ann, os.path.basename(path))
@@ -108,7 +112,7 @@ def _check_one(item: tuple) -> tuple[int, list[tuple], tuple[int, int] | None, l
             drop.append(pos)
             continue
         x0, y0, x1, y1 = box
-        if x1 <= x0 or y1 <= y0:
+        if x1 - x0 < MIN_BOX_SIZE or y1 - y0 < MIN_BOX_SIZE:
             findings.append(("degenerate_box", ann_id, f"box {box}"))
         elif x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
             findings.append(("outside_image", ann_id, f"box {box} in a {h}x{w} image"))
@@ -137,10 +141,11 @@ def _mismatch_detail(path: str, rh: int, rw: int, h: int, w: int) -> str:
 
 def _items(records: list[dict], full: bool, mask_on: bool) -> Iterable[tuple]:
     for i, r in enumerate(records):
-        anns = r.get("annotations") or []
-        light = [(p, a.get("id") if isinstance(a, dict) else None,
-                  a if full else {k: a[k] for k in ("id", "bbox", "category_id") if k in a}
-                  if isinstance(a, dict) else a) for p, a in enumerate(anns)]
+        anns = r.get("annotations", [])
+        light = None if not isinstance(anns, list) else [
+            (p, a.get("id") if isinstance(a, dict) else None,
+             a if full else {k: a[k] for k in ("id", "bbox", "category_id") if k in a}
+             if isinstance(a, dict) else a) for p, a in enumerate(anns)]
         path = r.get("file_name")
         path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else ""
         yield i, path, r.get("height"), r.get("width"), light, full, mask_on

@@ -28,7 +28,8 @@ each kind):
 
 - category id not among the json's categories: skipped and counted (``unknown_category="skip"``,
   the default) or an error naming the annotation id (``unknown_category="error"``);
-- box of zero or negative width/height, or not finite, or missing: skipped and counted;
+- box of zero or negative width/height (or under ``MIN_BOX_SIZE``, 0.01 px, which float32
+  coordinates cannot hold apart), or not finite, or missing: skipped and counted;
 - box partly outside the image: clipped to it (counted as ``clipped``);
 - box entirely outside the image: skipped and counted.
 
@@ -52,6 +53,7 @@ from typing import Any
 from detection.data.errors import DatasetError
 
 __all__ = [
+    "MIN_BOX_SIZE",
     "CocoFormatError",
     "filter_images_without_annotations",
     "load_coco_json",
@@ -60,6 +62,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Boxes narrower or lower than this (pixels) are degenerate: in float32 (the model's and
+# albumentations' precision) their sides could coincide.
+MIN_BOX_SIZE = 1e-2
 
 
 class CocoFormatError(DatasetError):
@@ -138,12 +144,12 @@ def _convert_box(bbox: Any, width: int, height: int) -> tuple[list[float] | None
         return None, "invalid_box"
     if not all(math.isfinite(v) for v in (x, y, w, h)):
         return None, "invalid_box"
-    if w <= 0 or h <= 0:
+    if w < MIN_BOX_SIZE or h < MIN_BOX_SIZE:
         return None, "degenerate_box"
     x0, y0, x1, y1 = x, y, x + w, y + h
     c0, c1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
     d0, d1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
-    if c1 - c0 <= 0 or d1 - d0 <= 0:
+    if c1 - c0 < MIN_BOX_SIZE or d1 - d0 < MIN_BOX_SIZE:
         return None, "outside_image"
     reason = "clipped" if (c0, d0, c1, d1) != (x0, y0, x1, y1) else None
     return [c0, d0, c1, d1], reason

@@ -33,6 +33,7 @@ from detection.data.annotations import (
     annotation_box_label,
     annotation_to_mask,
 )
+from detection.data.coco import MIN_BOX_SIZE
 from detection.data.errors import ImageSizeError, InvalidAnnotationError
 from detection.data.image_io import ImageReadError, read_image
 
@@ -232,7 +233,7 @@ class DatasetMapper:
             x0, y0, x1, y1 = a["bbox"]
             x0, x1 = min(max(x0, 0.0), w), min(max(x1, 0.0), w)
             y0, y1 = min(max(y0, 0.0), h), min(max(y1, 0.0), h)
-            if x1 - x0 > 0 and y1 - y0 > 0:
+            if x1 - x0 >= MIN_BOX_SIZE and y1 - y0 >= MIN_BOX_SIZE:
                 boxes.append([x0, y0, x1, y1])
                 labels.append(int(a["category_id"]))
                 keep.append(i)

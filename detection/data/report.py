@@ -131,9 +131,9 @@ class DataReport:
                 rec = copy.copy(rec)
                 if i in self.fixes:
                     rec["height"], rec["width"] = self.fixes[i]
-                if i in self.dropped:
-                    gone = set(self.dropped[i])
-                    rec["annotations"] = [a for p, a in enumerate(rec.get("annotations", []))
-                                          if p not in gone]
+                if i in self.dropped:  # (a field that is not a list: no annotations)
+                    gone, anns = set(self.dropped[i]), rec.get("annotations")
+                    rec["annotations"] = [a for p, a in enumerate(anns) if p not in gone] \
+                        if isinstance(anns, list) else []
             out.append(rec)
         return out
