@@ -18,11 +18,11 @@ from pathlib import Path
 
 from PIL import Image
 
-import segmentation  # noqa: F401  (registers segmentation config keys and models)
 from detection.data.image_io import read_image
-from detection.engine import runner
+from detection.engine.loading import inference_config
 from detection.modeling.predictor import load_model, predict
 from detection.visualization import draw_instances
+from segmentation.config import get_cfg  # the full tree; registers segmentation's models
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="at most this many images")
     args = parser.parse_args(argv)
 
-    model = load_model(runner.inference_config(args.config, args.weights), args.weights)
+    cfg = inference_config(args.config, args.weights, cfg=get_cfg())
+    model = load_model(cfg, args.weights)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in list_images(args.input, args.limit):

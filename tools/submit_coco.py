@@ -21,11 +21,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import segmentation  # noqa: F401  (registers segmentation config keys and models)
 from detection.data.image_io import read_image
-from detection.engine import runner
+from detection.engine.loading import inference_config
 from detection.evaluation.coco_evaluation import detections_to_coco_results, write_coco_submission
 from detection.modeling.predictor import load_model, predict
+from segmentation.config import get_cfg  # the full tree; registers segmentation's models
 
 
 def images_from_info(info_json: Path, image_root: Path):
@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     args = parser.parse_args(argv)
 
-    model = load_model(runner.inference_config(args.config, args.weights), args.weights)
+    cfg = inference_config(args.config, args.weights, cfg=get_cfg())
+    model = load_model(cfg, args.weights)
     if args.image_info is not None:
         root = args.image_root or args.image_info.parent
         images = images_from_info(args.image_info, root)

@@ -1,7 +1,7 @@
-"""Config keys of the semantic segmenters and building one from a config (the only place that
-reads ``cfg.MODEL.SEM_SEG_HEAD``).
+"""Building a semantic segmenter from a config (the only place that reads
+``cfg.MODEL.SEM_SEG_HEAD``, whose keys ``segmentation.config`` declares).
 
-``MODEL.META_ARCHITECTURE: "SemanticSegmentor"`` selects this model in the shared runner;
+``MODEL.META_ARCHITECTURE: "SemanticSegmentor"`` selects this model (``family.py``);
 ``MODEL.BACKBONE.NAME`` picks the body: "resnet_fpn" (p2..p5, for SemSegFPNHead) or "resnet"
 (dilated by ``MODEL.RESNETS.RES4_DILATION`` / ``RES5_DILATION``, for DeepLabV3Head and
 FCNHead).
@@ -18,49 +18,10 @@ from backbones import FPN, ShapeSpec
 from .heads import DeepLabV3Head, FCNHead, SemanticFPNHead
 from .model import SemanticSegmentor
 
-__all__ = ["HEADS", "add_semantic_config", "build_semantic_backbone", "build_semantic_head",
-           "build_semantic_model", "semantic_class_names"]
+__all__ = ["HEADS", "build_semantic_backbone", "build_semantic_head", "build_semantic_model",
+           "semantic_class_names"]
 
 HEADS = ("SemSegFPNHead", "DeepLabV3Head", "FCNHead")
-
-
-def _set_default(node: CfgNode, key: str, value: Any) -> None:
-    if key not in node:
-        node[key] = CfgNode(value) if isinstance(value, dict) else value
-
-
-def add_semantic_config(cfg: CfgNode) -> CfgNode:
-    """Add ``MODEL.SEM_SEG_HEAD.*``, ``MODEL.RESNETS.RES4_DILATION`` / ``DILATION_MODE`` and
-    ``INPUT.CROP.*`` (detectron2's names) where missing. Returns ``cfg``."""
-    if "MODEL" not in cfg:
-        cfg.MODEL = CfgNode()
-    h = CfgNode()
-    h.NAME = "SemSegFPNHead"  # or "DeepLabV3Head", "FCNHead"
-    h.IN_FEATURES = ["p2", "p3", "p4", "p5"]
-    h.NUM_CLASSES = 54
-    h.IGNORE_VALUE = 255
-    h.CONVS_DIM = 128  # SemSegFPNHead's conv width
-    h.COMMON_STRIDE = 4  # SemSegFPNHead: levels are brought to this stride
-    h.NORM = "GN"  # head norm: "GN", "BN" (torchvision's heads), "SyncBN", "none"
-    h.LOSS_WEIGHT = 1.0
-    h.ASPP_DILATIONS = [12, 24, 36]  # torchvision's, at output stride 8; (6, 12, 18) at 16
-    h.ASPP_CHANNELS = 256
-    h.ASPP_DROPOUT = 0.5
-    h.FCN_DROPOUT = 0.1
-    h.AUX_LOSS = False  # torchvision's auxiliary FCN head on AUX_IN_FEATURE
-    h.AUX_IN_FEATURE = "res4"
-    h.AUX_LOSS_WEIGHT = 0.5
-    h.SIZE_DIVISIBILITY = -1  # pad the batch to a multiple; -1: the backbone's own
-    _set_default(cfg.MODEL, "SEM_SEG_HEAD", h)
-    if "RESNETS" in cfg.MODEL:
-        _set_default(cfg.MODEL.RESNETS, "RES4_DILATION", 1)
-        # "torchvision": a dilated stage's first block keeps the previous dilation
-        # (replace_stride_with_dilation); "detectron2": every block of the stage is dilated
-        _set_default(cfg.MODEL.RESNETS, "DILATION_MODE", "detectron2")
-    if "INPUT" in cfg:
-        _set_default(cfg.INPUT, "CROP", {"ENABLED": False, "TYPE": "absolute",
-                                         "SIZE": [512, 512]})
-    return cfg
 
 
 def _norm(name: str) -> str:
