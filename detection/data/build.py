@@ -240,18 +240,24 @@ def build_test_loader(
     """This rank's disjoint shard of ``dataset_name`` in order, un-augmented (is_train=False).
 
     Batches are :class:`Batch` lists: images the mapper could not read are dropped from them
-    and named in ``batch.unreadable``.
+    and named in ``batch.unreadable``. ``loader.left_out`` names the records the data check
+    left out before (the log has said why).
     """
     if cfg.DATASETS.ROOT:
         set_datasets_root(cfg.DATASETS.ROOT)
-    records = checked_records(cfg, get_dataset_records(dataset_name, filter_empty=False),
-                              [dataset_name])
+    all_records = get_dataset_records(dataset_name, filter_empty=False)
+    records = checked_records(cfg, all_records, [dataset_name])
     mapper = mapper or DatasetMapper.from_config(cfg, is_train=False)
     sampler = InferenceSampler(len(records))
-    return DataLoader(
+    loader = DataLoader(
         MapDataset(records, mapper),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=int(cfg.DATALOADER.NUM_WORKERS),
         collate_fn=eval_batch_collator,
     )
+    loader.left_out = []  # file names of the records the check left out
+    if len(records) < len(all_records):
+        report = check_report(cfg, all_records, [dataset_name])  # cached: no second check
+        loader.left_out = [all_records[i]["file_name"] for i in sorted(report.unusable)]
+    return loader

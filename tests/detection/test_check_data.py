@@ -101,11 +101,12 @@ def bad_set(tmp_path):
     return build_bad_set(tmp_path)
 
 
-@pytest.mark.parametrize("mode", ["fast", "full"])
-def test_check_counts_each_kind(bad_set, mode):
+@pytest.mark.parametrize("mode,executor", [("fast", "thread"), ("full", "thread"),
+                                           ("full", "process")])
+def test_check_counts_each_kind(bad_set, mode, executor):
     path, image_dir = bad_set
     records, meta = load_coco_json(path, image_dir)
-    report = check_records(records, mode=mode, workers=2, progress=False,
+    report = check_records(records, mode=mode, workers=2, progress=False, executor=executor,
                            load_skipped=meta["load_skipped_ids"])
     unusable = UNUSABLE_FULL if mode == "full" else UNUSABLE_FAST
     expected = dict(ANN_COUNTS)
@@ -196,6 +197,7 @@ def test_test_loader_batches_count_unreadable(bad_set, workers):
                "DATALOADER.NUM_WORKERS", str(workers))
     loader = build_test_loader(cfg, name, batch_size=1)
     assert len(loader.dataset) == len(records) - len(UNUSABLE_FAST)  # trunc.jpg passes fast
+    assert sorted(Path(f).name for f in loader.left_out) == sorted(UNUSABLE_FAST)
     batches = list(loader)
     assert all(type(b) is Batch and isinstance(b, list) for b in batches)
     dropped = [b for b in batches if b.num_unreadable]
@@ -250,3 +252,43 @@ def test_loader_metadata_lists_skipped_annotation_ids(bad_set):
     check_datasets(_cfg(name), [name])
     ids = get_metadata(name)["load_skipped_ids"]
     assert ids == {"degenerate_box": [1, 2], "outside_image": [3], "unknown_category": [4]}
+
+
+def _train(bad_set, tmp_path, *opts: str) -> subprocess.CompletedProcess:
+    path, image_dir = bad_set
+    name = f"{path}:{image_dir}"
+    cmd = [sys.executable, str(REPO / "tools" / "train_det.py"), "--config",
+           "faster_rcnn_r18_fpn_shapes.yaml", "DATASETS.TRAIN", f"('{name}',)",
+           "DATASETS.TEST", f"('{name}',)", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
+           "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
+           "SOLVER.CHECKPOINT_PERIOD", "100", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+           "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96",
+           "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path / "out"), *opts]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_training_with_skipping_runs_to_the_end_and_evaluates(bad_set, tmp_path):
+    # fast check: trunc.jpg passes it and is skipped by the mapper, in training and evaluation
+    proc = _train(bad_set, tmp_path, "DATALOADER.SKIP_MISSING_IMAGES", "True",
+                  "DATALOADER.CHECK_DATA", "fast")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert (tmp_path / "out" / "model_final.pth").is_file()
+    assert "left out 5 of 12 records" in log and "size_mismatch 2" in log
+    assert (tmp_path / "out" / "inference" / "bad" / "coco_instances_results.json").is_file()
+    # the evaluation loop (detection/engine/evaluation.py) counts the images it could not read
+    assert "1 of 7 images could not be read" in log and "trunc.jpg" in log
+
+
+@pytest.mark.slow
+def test_training_without_skipping_names_the_files(bad_set, tmp_path):
+    proc = _train(bad_set, tmp_path, "DATALOADER.CHECK_DATA", "fast")
+    assert proc.returncode != 0
+    assert "DataCheckError" in proc.stderr and "SKIP_MISSING_IMAGES" in proc.stderr
+    for name in ("missing.jpg", "text.jpg", "empty.jpg", "wrong_size.png"):
+        assert name in proc.stderr  # the table names them all
+    proc = _train(bad_set, tmp_path, "DATALOADER.CHECK_DATA", "off")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert any(n in last for n in UNUSABLE_FULL), last  # the first error names its file
