@@ -78,12 +78,21 @@ def load_semantic_weights(model: nn.Module, weights: str) -> Mapping[str, Any]:
     return ckpt
 
 
+def build_semantic_mapper(cfg: Any, is_train: bool) -> SemanticDatasetMapper:
+    """The label-map mapper; training crops are ``INPUT.CROP.SIZE`` pixels (type "absolute",
+    the only one implemented)."""
+    if cfg.INPUT.CROP.TYPE != "absolute":
+        raise ValueError(f"INPUT.CROP.TYPE must be 'absolute' (SIZE in pixels), got "
+                         f"{cfg.INPUT.CROP.TYPE!r}")
+    return SemanticDatasetMapper.from_config(cfg, is_train)
+
+
 SEMANTIC_SEGMENTOR = register_family(
     ModelFamily(
         name="SemanticSegmentor",
         build=build_semantic_model,
         load_weights=load_semantic_weights,
-        build_mapper=SemanticDatasetMapper.from_config,
+        build_mapper=build_semantic_mapper,
         build_evaluator=build_semantic_evaluator,
         attach_metadata=attach_semantic_metadata,
         declared_by="segmentation",
