@@ -44,6 +44,14 @@ for path in sorted(configs.rglob("*.yaml")):
     k = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     report[name] = {"model": type(model).__name__, "outputs": sorted(out),
                     "boxes": list(out["boxes"].shape), "labels_ok": bool((out["labels"] < k).all())}
+from detection.config import get_cfg
+from detection.families import get_family
+cfg = get_cfg()
+cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+try:
+    get_family(cfg)
+except ValueError as e:
+    report["family error"] = str(e)
 report["segmentation imported"] = any(m.split(".")[0] == "segmentation" for m in sys.modules)
 print(json.dumps(report))
 """
@@ -63,6 +71,7 @@ def test_detection_alone_builds_every_detection_config_and_refuses_segmentation_
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert report.pop("segmentation imported") is False
+    assert "`import segmentation` declares it" in report.pop("family error")
     names = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))
     assert sorted(report) == names
     detection = [n for n in names if _kind(n) == "detection"]
