@@ -196,8 +196,8 @@ class Trainer:
             cause = du.explain_failure(e) if du.get_world_size() > 1 and not isinstance(
                 e, du.PeerFailure) else None
             if cause:
-                raise du.PeerFailure(f"rank {du.get_rank()} stops at iteration "
-                                     f"{self.iteration + 1}: {cause}") from e
+                raise du.PeerFailure(f"rank {du.get_rank()} stops after {self.iteration} "
+                                     f"iterations: {cause}") from e
             raise
         finally:
             bar.close()

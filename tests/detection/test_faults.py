@@ -150,3 +150,215 @@ def test_sigterm_saves_the_current_iteration_and_resume_is_exact(tiny_data, refe
     assert res.returncode == 0, res.stderr[-3000:]
     assert "model_0000003.pth at iteration 3" in res.stderr
     assert_same_state(load_checkpoint(out / "model_final.pth"), reference)
+
+
+# ---- in-process: the same machinery on a tiny model, fast ----------------------------------
+
+class TinyModel(torch.nn.Module):
+    """The detector's training call, ``(images, targets) -> losses``, on a few layers. Dropout
+    draws from torch's global RNG as the detector's RPN/RoI samplers do; BatchNorm has
+    running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.drop = torch.nn.Dropout(0.5)
+        self.fc = torch.nn.Linear(4, 1)
+
+    def forward(self, images, targets=None):
+        x = self.drop(self.bn(self.conv(torch.stack(images))).mean((2, 3)))
+        out = self.fc(x).squeeze(1)
+        want = torch.stack([t["value"] for t in targets])
+        return {"loss_fit": ((out - want) ** 2).mean(), "loss_l1": 0.1 * out.abs().mean()}
+
+
+def tiny_stream(start_iter: int = 0, on_batch=None):
+    """Batch i depends on i only (as the real loader's ``start_iter`` guarantees)."""
+    i = start_iter
+    while True:
+        g = torch.Generator().manual_seed(i)
+        if on_batch is not None:
+            on_batch(i)
+        yield [{"image": torch.rand(3, 8, 8, generator=g),
+                "instances": {"value": torch.rand((), generator=g)}} for _ in range(2)]
+        i += 1
+
+
+def tiny_trainer(out: Path, *, resume: bool, max_iter: int = 6, scaler=None, on_batch=None,
+                 evaluate_fn=None, eval_period: int = 0):
+    """(trainer, checkpointer) on TinyModel, resumed from ``out`` when asked."""
+    from detection.engine.trainer import Trainer
+
+    torch.manual_seed(0)
+    model = TinyModel()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    ckpt = Checkpointer(out, model=model, optimizer=opt, scheduler=sched)
+    start = ckpt.resume() if resume else 0
+    trainer = Trainer(model=model, optimizer=opt, scheduler=sched,
+                      data_loader=tiny_stream(start, on_batch), checkpointer=ckpt,
+                      max_iter=max_iter, start_iter=start, checkpoint_period=2,
+                      progress=False, grad_scaler=scaler, evaluate_fn=evaluate_fn,
+                      eval_period=eval_period)
+    return trainer, ckpt
+
+
+def test_atomic_write_fsyncs_the_file_then_renames_then_fsyncs_the_folder(tmp_path,
+                                                                           monkeypatch):
+    import detection.atomic_files as af
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(af.os, "fsync", lambda fd: (events.append(
+        "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"), real_fsync(fd))[1])
+    monkeypatch.setattr(af.os, "replace", lambda a, b: (events.append("rename"),
+                                                        real_replace(a, b))[1])
+    af.atomic_write_text(tmp_path / "last_checkpoint", "model_0000002.pth")
+    assert events == ["file", "rename", "dir"]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
+    assert os.listdir(tmp_path) == ["last_checkpoint"]  # no temporary file left
+
+    def failing(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        af.atomic_write(tmp_path / "model_0000004.pth", failing)
+    assert os.listdir(tmp_path) == ["last_checkpoint"]
+
+
+def test_resume_takes_the_newest_readable_checkpoint_and_names_the_bad_one(tmp_path, caplog):
+    trainer, ckpt = tiny_trainer(tmp_path, resume=False)
+    trainer.run()  # model_0000002, model_0000004, model_final (6)
+    (tmp_path / "last_checkpoint").write_text("model_0000002.pth")  # the pointer lags
+    (tmp_path / ".model_0000008.pth.abc123.tmp").write_bytes(b"half a checkpoint")
+    _, ckpt = tiny_trainer(tmp_path, resume=False)
+    with caplog.at_level(logging.INFO):
+        assert ckpt.resume() == 6
+    assert ckpt.resumed_from.name == "model_final.pth"
+    assert not (tmp_path / ".model_0000008.pth.abc123.tmp").exists()  # stray file removed
+    assert "Removing" in caplog.text and ".model_0000008.pth.abc123.tmp" in caplog.text
+    # a corrupt newest checkpoint (copied by hand, disk trouble): fall back, loudly
+    final = tmp_path / "model_final.pth"
+    final.write_bytes(final.read_bytes()[:1000])
+    caplog.clear()
+    _, ckpt = tiny_trainer(tmp_path, resume=False)
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.resume() == 4
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("model_final.pth is unreadable" in r.getMessage() for r in warnings)
+    # none readable: an error naming them, never a silent start from scratch
+    for name in ("model_0000002.pth", "model_0000004.pth"):
+        (tmp_path / name).write_bytes(b"not a checkpoint")
+    _, ckpt = tiny_trainer(tmp_path, resume=False)
+    with pytest.raises(RuntimeError, match=r"no readable checkpoint.*model_0000004\.pth"):
+        ckpt.resume()
+
+
+def test_grad_scaler_state_round_trip_and_exact_resume(tmp_path):
+    def scaler():  # a real AMP scaler: starts at an overflowing scale, backs off, then grows
+        return torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, growth_interval=2)
+
+    straight, _ = tiny_trainer(tmp_path / "straight", resume=False, scaler=scaler())
+    straight.run()
+    want = load_checkpoint(tmp_path / "straight" / "model_final.pth")
+    assert want["extra"]["grad_scaler"]["scale"] < 2.0 ** 127  # it did back off
+    mid = load_checkpoint(tmp_path / "straight" / "model_0000004.pth")["extra"]["grad_scaler"]
+    assert mid != want["extra"]["grad_scaler"]
+
+    # resume before the scaler exists (as the runner does), then the trainer registers it
+    out = tmp_path / "resumed"
+    out.mkdir()
+    (out / "model_0000004.pth").write_bytes(
+        (tmp_path / "straight" / "model_0000004.pth").read_bytes())
+    resumed, ckpt = tiny_trainer(out, resume=True, scaler=scaler())
+    assert resumed.start_iter == 4 and resumed.scaler.state_dict() == mid
+    resumed.run()
+    got = load_checkpoint(out / "model_final.pth")
+    assert got["extra"]["grad_scaler"] == want["extra"]["grad_scaler"]
+    assert_same_state(got, want)
+    # and registered before the resume
+    model = TinyModel()
+    ckpt = Checkpointer(out, model=model)
+    fresh = scaler()
+    ckpt.register("grad_scaler", fresh)
+    ckpt.resume()
+    assert fresh.state_dict() == want["extra"]["grad_scaler"]
+
+
+def test_sigint_saves_the_current_iteration_and_a_second_one_stops_at_once(tmp_path):
+    from detection.engine.trainer import TrainingInterrupted
+
+    draws = []  # evaluation draws from the global RNGs; training must not notice
+
+    def evaluate():
+        draws.append(torch.rand(3))
+        return {"bbox": {"AP": 1.0}}
+
+    straight, _ = tiny_trainer(tmp_path / "straight", resume=False, evaluate_fn=evaluate,
+                               eval_period=1)
+    straight.run()
+    want = load_checkpoint(tmp_path / "straight" / "model_final.pth")
+
+    def ctrl_c_at(iteration, times=1):
+        def on_batch(i):
+            if i == iteration - 1:  # while fetching the batch of that iteration
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGINT)
+        return on_batch
+
+    out = tmp_path / "run"
+    trainer, _ = tiny_trainer(out, resume=False, on_batch=ctrl_c_at(3), evaluate_fn=evaluate,
+                              eval_period=1)
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.run()
+    assert info.value.code == 130 and info.value.iteration == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert load_checkpoint(out / "model_0000003.pth")["iteration"] == 3
+    assert (out / "last_checkpoint").read_text() == "model_0000003.pth"
+    resumed, _ = tiny_trainer(out, resume=True, evaluate_fn=evaluate, eval_period=1)
+    assert resumed.start_iter == 3
+    resumed.run()
+    assert_same_state(load_checkpoint(out / "model_final.pth"), want)
+    # Ctrl-C twice: stop at once (nothing saved for that iteration)
+    trainer, _ = tiny_trainer(tmp_path / "twice", resume=False, on_batch=ctrl_c_at(3, times=2))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert sorted(p.name for p in (tmp_path / "twice").glob("*.pth")) == ["model_0000002.pth"]
+
+
+def test_evaluation_leaves_the_training_rng_where_it_was(tmp_path):
+    import random
+
+    import numpy as np
+
+    def evaluate():  # what a test loader and an evaluator may draw
+        torch.rand(5), np.random.rand(5), random.random()
+        return {}
+
+    trainer, _ = tiny_trainer(tmp_path, resume=False, evaluate_fn=evaluate, eval_period=1)
+    before = get_rng_state()
+    trainer._evaluate(1)
+    after = get_rng_state()
+    assert torch.equal(before["torch"], after["torch"])
+    assert torch.equal(before["numpy"][1], after["numpy"][1])
+    assert before["python"] == after["python"]
+
+
+def test_resume_from_a_checkpoint_written_before_an_evaluation_is_exact(tmp_path):
+    def evaluate():  # creating a test loader's iterator draws from torch's RNG like this
+        torch.empty((), dtype=torch.int64).random_()
+        return {}
+
+    straight, _ = tiny_trainer(tmp_path / "straight", resume=False, evaluate_fn=evaluate,
+                               eval_period=1)
+    straight.run()
+    out = tmp_path / "resumed"
+    out.mkdir()  # the run was killed after writing model_0000002.pth, during the evaluation
+    (out / "model_0000002.pth").write_bytes(
+        (tmp_path / "straight" / "model_0000002.pth").read_bytes())
+    resumed, _ = tiny_trainer(out, resume=True, evaluate_fn=evaluate, eval_period=1)
+    resumed.run()
+    assert_same_state(load_checkpoint(out / "model_final.pth"),
+                      load_checkpoint(tmp_path / "straight" / "model_final.pth"))
