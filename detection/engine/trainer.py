@@ -181,6 +181,11 @@ class Trainer:
         from tqdm import tqdm
 
         self.model.train()
+        starts = du.all_gather_object(self.start_iter)
+        if len(set(starts)) > 1:
+            raise RuntimeError(f"the ranks resumed at different iterations {starts} (in rank "
+                               "order): every rank must read the same OUTPUT_DIR (a shared "
+                               "file system) to resume")
         logger.info("Training iterations %d..%d", self.start_iter, self.max_iter)
         self.signals.install()  # before the loader's workers are forked
         bar = tqdm(total=self.max_iter, initial=self.start_iter, disable=not self.progress,
