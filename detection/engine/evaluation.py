@@ -62,8 +62,9 @@ def inference_on_dataset(model: nn.Module, data_loader: Iterable, evaluator: Any
     ``DATALOADER.SKIP_MISSING_IMAGES``); a batch may say which, as ``batch.unreadable`` (file
     names) and ``batch.num_unreadable``. A batch left empty is never given to the model. The
     number of unreadable images (from the batches, else the sampler's length minus the images
-    read) goes into every task's metrics as ``images_read`` / ``images_unreadable``, and the
-    metrics then cover the images read.
+    read; plus the records the data check left out, ``data_loader.left_out``) goes into every
+    task's metrics as ``images_read`` / ``images_unreadable``; the metrics cover the images
+    read.
     """
     from tqdm import tqdm
 
@@ -95,6 +96,9 @@ def inference_on_dataset(model: nn.Module, data_loader: Iterable, evaluator: Any
     logger.info("Inference on %d images took %.1f s (%.3f s / image on this rank)", counts.read,
                 elapsed, elapsed / max(counts.read, 1))
     counts = _gather_counts(counts)
+    left_out = [str(f) for f in getattr(data_loader, "left_out", [])]  # by the data check
+    counts.unreadable += len(left_out)  # the same list on every rank: counted once
+    counts.unreadable_files = left_out + counts.unreadable_files
     if counts.unreadable:
         shown = ", ".join(counts.unreadable_files[:10])
         logger.warning("%d of %d images could not be read and are left out of the evaluation%s",

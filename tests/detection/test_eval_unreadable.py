@@ -32,11 +32,11 @@ def damaged_val(tmp_path_factory):
             [missing["file_name"], corrupt["file_name"]])
 
 
-def _cfg(damaged_val, out):
+def _cfg(damaged_val, out, check="off"):
     train, val, _, _ = damaged_val
     return load_config("faster_rcnn_r18_fpn_shapes.yaml", [
         "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{val}',)",
-        "DATALOADER.SKIP_MISSING_IMAGES", "True", "DATALOADER.CHECK_DATA", "off",
+        "DATALOADER.SKIP_MISSING_IMAGES", "True", "DATALOADER.CHECK_DATA", check,
         "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96",
         "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
         "OUTPUT_DIR", str(out),
@@ -63,9 +63,13 @@ class _NoEmptyBatches(torch.nn.Module):
         return self.model(images)
 
 
-def test_evaluation_skips_unreadable_images_and_says_so(damaged_val, model_and_cfg):
-    model, cfg = model_and_cfg
-    _, _, good, _ = damaged_val
+@pytest.mark.parametrize("check", ["off", "fast"])  # found by the loader, or by the check
+def test_evaluation_skips_unreadable_images_and_says_so(damaged_val, model_and_cfg, check,
+                                                       tmp_path, caplog):
+    model, _ = model_and_cfg
+    _, _, good, bad_files = damaged_val
+    cfg = _cfg(damaged_val, tmp_path, check)
+    attach_dataset_metadata(cfg)
     for _ in range(2):  # counted once each per pass, not accumulated over passes
         results = evaluate(cfg, model)
         assert results["bbox"]["images_read"] == 4
@@ -75,6 +79,8 @@ def test_evaluation_skips_unreadable_images_and_says_so(damaged_val, model_and_c
     written = json.loads(next(Path(cfg.OUTPUT_DIR).glob(
         "inference/*/coco_instances_results.json")).read_text())
     assert isinstance(written, list) and {d["image_id"] for d in written} <= set(good)
+    for name in bad_files:
+        assert Path(name).name in caplog.text
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
