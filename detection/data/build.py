@@ -110,12 +110,12 @@ def check_report(cfg: Any, records: list[dict], names: Sequence[str] = (), *,
         return _CHECKED[key]
     skipped: dict[str, list] = {}
     for n in names:
-        for kind, ids in get_metadata(n).get("load_skipped_ids", {}).items():
+        for kind, ids in get_metadata(n).get("load_problem_ids", {}).items():
             skipped.setdefault(kind, []).extend(ids)
     show = progress and dist_rank_world()[0] == 0
     report = _on_rank0(lambda: check_records(
         records, mode=mode, mask_on=mask_on, name=name, progress=show,
-        workers=min(8, os.cpu_count() or 1), load_skipped=skipped))
+        workers=min(8, os.cpu_count() or 1), load_problems=skipped))
     if len(_CHECKED) > 16:
         _CHECKED.clear()
     _CHECKED[key] = report

@@ -164,13 +164,13 @@ def check_records(
     workers: int | None = None,
     executor: str = "thread",
     progress: bool = True,
-    load_skipped: dict[str, list] | None = None,
+    load_problems: dict[str, list] | None = None,
 ) -> DataReport:
     """Check every record (see the module doc) on ``workers`` threads or processes.
 
-    ``load_skipped`` adds the annotations the json loader already skipped (its metadata's
-    ``load_skipped_ids``: kind -> annotation ids) to the report. Records are not modified:
-    :meth:`DataReport.apply` returns the usable, fixed ones.
+    ``load_problems`` adds the annotations the json loader already skipped or clipped (its
+    metadata's ``load_problem_ids``: kind -> annotation ids) to the report. Records are not
+    modified: :meth:`DataReport.apply` returns the usable, fixed ones.
     """
     if mode not in ("fast", "full"):
         raise ValueError(f"DATALOADER.CHECK_DATA must be one of {MODES}, got {mode!r}")
@@ -201,9 +201,10 @@ def check_records(
     finally:
         bar.close()
         pool.shutdown()
-    for kind, ids in sorted((load_skipped or {}).items()):
+    for kind, ids in sorted((load_problems or {}).items()):
         for ann_id in ids:
-            report.add(Finding(kind, None, None, ann_id, "skipped by the json loader"), None)
+            done = "clipped" if ACTIONS.get(kind, ("", ""))[1] == "fixed" else "skipped"
+            report.add(Finding(kind, None, None, ann_id, f"{done} by the json loader"), None)
     report.seconds = time.perf_counter() - t0
     return report
 

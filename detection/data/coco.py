@@ -33,7 +33,8 @@ each kind):
 - box partly outside the image: clipped to it (counted as ``clipped``);
 - box entirely outside the image: skipped and counted.
 
-The metadata's ``load_skipped_ids`` lists, per reason, the ids of those annotations.
+The metadata's ``load_problem_ids`` lists, per reason, the ids of those annotations (for the
+data check's report).
 
 A field of the wrong type (an image without ``id``, a ``height`` that is not a positive integer,
 an annotation that is not an object, an ``iscrowd`` that is not 0/1, ...) is refused with
@@ -263,7 +264,7 @@ def load_coco_json(
         image_root=image_root,
         evaluator_type="coco",
         load_stats=dict(stats),
-        load_skipped_ids={r: ids for r, ids in examples.items() if r != "clipped"},
+        load_problem_ids=examples,
     )
     if dataset_name is not None:
         meta["name"] = dataset_name

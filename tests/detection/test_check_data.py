@@ -83,6 +83,7 @@ def build_bad_set(root: Path) -> tuple[Path, Path]:
         _box_ann(4, a, [5, 5, 8, 8], cat=99),  # unknown category
         _box_ann(5, b, [5, 5, 8, 8], segmentation={"size": [10, 10], "counts": [100]}),
         _box_ann(6, b, [5, 5, 8, 8], segmentation=[[5, 5, 13, 5]]),  # a 2-point polygon
+        _box_ann(7, b, [40, 50, 20, 8]),  # partly outside the 48-wide image: clipped
     ]
     path = root / "bad.json"
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": CATS}))
@@ -93,7 +94,7 @@ UNUSABLE_FAST = {"missing.jpg": "missing_file", "text.jpg": "not_an_image",
                  "empty.jpg": "empty_file", "wrong_size.png": "size_mismatch",
                  "exif_raw_size.jpg": "size_mismatch"}
 UNUSABLE_FULL = {**UNUSABLE_FAST, "trunc.jpg": "undecodable"}
-ANN_COUNTS = {"degenerate_box": 2, "outside_image": 1, "unknown_category": 1}
+ANN_COUNTS = {"degenerate_box": 2, "outside_image": 1, "unknown_category": 1, "clipped": 1}
 
 
 @pytest.fixture
@@ -107,7 +108,7 @@ def test_check_counts_each_kind(bad_set, mode, executor):
     path, image_dir = bad_set
     records, meta = load_coco_json(path, image_dir)
     report = check_records(records, mode=mode, workers=2, progress=False, executor=executor,
-                           load_skipped=meta["load_skipped_ids"])
+                           load_problems=meta["load_problem_ids"])
     unusable = UNUSABLE_FULL if mode == "full" else UNUSABLE_FAST
     expected = dict(ANN_COUNTS)
     for kind in unusable.values():
@@ -131,7 +132,7 @@ def test_table_names_kinds_and_files(bad_set):
     path, image_dir = bad_set
     records, meta = load_coco_json(path, image_dir, "bad")
     report = check_records(records, mode="full", progress=False, name="bad",
-                           load_skipped=meta["load_skipped_ids"])
+                           load_problems=meta["load_problem_ids"])
     table = report.table()
     for kind, n in report.counts().items():
         line = next(ln for ln in table.splitlines() if ln.strip().startswith(kind + " "))
@@ -250,8 +251,9 @@ def test_loader_metadata_lists_skipped_annotation_ids(bad_set):
     path, image_dir = bad_set
     name = f"{path}:{image_dir}"
     check_datasets(_cfg(name), [name])
-    ids = get_metadata(name)["load_skipped_ids"]
-    assert ids == {"degenerate_box": [1, 2], "outside_image": [3], "unknown_category": [4]}
+    ids = get_metadata(name)["load_problem_ids"]
+    assert ids == {"degenerate_box": [1, 2], "outside_image": [3], "unknown_category": [4],
+                   "clipped": [7]}
 
 
 def _train(bad_set, tmp_path, *opts: str) -> subprocess.CompletedProcess:
