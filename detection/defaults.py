@@ -176,7 +176,11 @@ def _model() -> CfgNode:
     _M.CATEGORY_IDS = []
 
     _M.BACKBONE = CfgNode()
-    _M.BACKBONE.NAME = "resnet"  # "resnet" (C4) or "resnet_fpn"
+    # A registered backbone (backbones.list_backbones(): "resnet50", "resnet50d",
+    # "resnext101_32x8d", your own) or the older "resnet" / "resnet_fpn", which take
+    # MODEL.RESNETS.DEPTH, NUM_GROUPS and WIDTH_PER_GROUP and imply the neck.
+    _M.BACKBONE.NAME = "resnet"
+    _M.BACKBONE.NECK = ""  # "fpn" or "none"; empty: what a "resnet*" name implies, else none
     _M.BACKBONE.FREEZE_AT = 2
     _M.BACKBONE.WEIGHTS = ""  # ImageNet weights by registered name, e.g. "detectron2/R-50"
 

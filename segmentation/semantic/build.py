@@ -2,18 +2,19 @@
 ``cfg.MODEL.SEM_SEG_HEAD``, whose keys ``segmentation.config`` declares).
 
 ``MODEL.META_ARCHITECTURE: "SemanticSegmentor"`` selects this model (``family.py``);
-``MODEL.BACKBONE.NAME`` picks the body: "resnet_fpn" (p2..p5, for SemSegFPNHead) or "resnet"
-(dilated by ``MODEL.RESNETS.RES4_DILATION`` / ``RES5_DILATION``, for DeepLabV3Head and
-FCNHead).
+``MODEL.BACKBONE.NAME`` / ``NECK`` pick the body: with the FPN neck ("resnet_fpn"), p2..p5
+for SemSegFPNHead; without ("resnet"), dilated by ``MODEL.RESNETS.RES4_DILATION`` /
+``RES5_DILATION``, for DeepLabV3Head and FCNHead.
 """
 
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from fvcore.common.config import CfgNode
 from torch import nn
 
 import backbones
 from backbones import FPN, ShapeSpec
+from detection.modeling.build import build_backbone_body, resolve_backbone
 
 from .heads import DeepLabV3Head, FCNHead, SemanticFPNHead
 from .model import SemanticSegmentor
@@ -29,37 +30,28 @@ def _norm(name: str) -> str:
 
 
 def build_semantic_backbone(cfg: CfgNode) -> backbones.Backbone:
-    """ResNet(-FPN) from ``MODEL.BACKBONE`` / ``MODEL.RESNETS`` / ``MODEL.FPN``."""
-    r, b, h = cfg.MODEL.RESNETS, cfg.MODEL.BACKBONE, cfg.MODEL.SEM_SEG_HEAD
-    if r.DEPTH not in (18, 34, 50, 101, 152):
-        raise ValueError(f"MODEL.RESNETS.DEPTH must be 18, 34, 50, 101 or 152, got {r.DEPTH}")
-    kwargs: Dict[str, Any] = {}
-    if r.NUM_GROUPS != 1 or r.WIDTH_PER_GROUP != 64:
-        kwargs.update(groups=r.NUM_GROUPS, width_per_group=r.WIDTH_PER_GROUP)
-    body_kwargs = dict(
-        weights=b.WEIGHTS or None, norm=r.NORM, freeze_at=b.FREEZE_AT,
-        style="caffe" if r.STRIDE_IN_1X1 else "pytorch",
-        dilations=(1, 1, r.RES4_DILATION, r.RES5_DILATION), dilation_mode=r.DILATION_MODE,
-        **kwargs,
-    )
-    arch = f"resnet{r.DEPTH}"
-    if b.NAME == "resnet_fpn":
-        in_features = list(cfg.MODEL.FPN.IN_FEATURES) or ["res2", "res3", "res4", "res5"]
-        body = backbones.build_backbone(arch, out_features=in_features, **body_kwargs)
+    """The backbone ``MODEL.BACKBONE`` names (``detection``'s resolution of names and necks):
+    with NECK "fpn" an FPN without top block over ``MODEL.FPN.IN_FEATURES``; with "none" the
+    backbone's outputs the head reads, dilated by ``MODEL.RESNETS.RES4_DILATION`` /
+    ``RES5_DILATION``."""
+    r, h = cfg.MODEL.RESNETS, cfg.MODEL.SEM_SEG_HEAD
+    _, neck, _ = resolve_backbone(cfg)
+    dilation = dict(dilations=(1, 1, r.RES4_DILATION, r.RES5_DILATION),
+                    dilation_mode=r.DILATION_MODE)
+    if neck == "fpn":
+        in_features = list(cfg.MODEL.FPN.IN_FEATURES) or None
+        body = build_backbone_body(cfg, in_features, **dilation)
         return FPN(body, out_channels=cfg.MODEL.FPN.OUT_CHANNELS, in_features=in_features,
                    norm=_norm(cfg.MODEL.FPN.NORM), top_block=None)
-    if b.NAME == "resnet":
-        wanted: List[str] = list(h.IN_FEATURES)
-        if h.AUX_LOSS and h.AUX_IN_FEATURE not in wanted:
-            wanted.append(h.AUX_IN_FEATURE)
-        order = ["res2", "res3", "res4", "res5"]
-        bad = [f for f in wanted if f not in order]
-        if bad:
-            raise ValueError(f"MODEL.SEM_SEG_HEAD features {bad} are not ResNet stages {order}")
-        wanted.sort(key=order.index)
-        return backbones.build_backbone(arch, out_features=wanted, **body_kwargs)
-    raise ValueError(f"unknown MODEL.BACKBONE.NAME {b.NAME!r} for a semantic segmenter; valid: "
-                     "'resnet_fpn', 'resnet'")
+    wanted: List[str] = list(h.IN_FEATURES)
+    if h.AUX_LOSS and h.AUX_IN_FEATURE not in wanted:
+        wanted.append(h.AUX_IN_FEATURE)
+    order = ["res2", "res3", "res4", "res5"]
+    bad = [f for f in wanted if f not in order]
+    if bad:
+        raise ValueError(f"MODEL.SEM_SEG_HEAD features {bad} are not ResNet stages {order}")
+    wanted.sort(key=order.index)
+    return build_backbone_body(cfg, wanted, **dilation)
 
 
 def build_semantic_head(
