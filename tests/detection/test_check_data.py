@@ -279,8 +279,10 @@ def test_training_with_skipping_runs_to_the_end_and_evaluates(bad_set, tmp_path)
     assert (tmp_path / "out" / "model_final.pth").is_file()
     assert "left out 5 of 12 records" in log and "size_mismatch 2" in log
     assert (tmp_path / "out" / "inference" / "bad" / "coco_instances_results.json").is_file()
-    # the evaluation loop (detection/engine/evaluation.py) counts the images it could not read
-    assert "1 of 7 images could not be read" in log and "trunc.jpg" in log
+    # the evaluation (detection/engine/evaluation.py) counts the 5 records the check left out
+    # (loader.left_out) and trunc.jpg, which the mapper could not decode (batch.unreadable)
+    assert "6 of 12 images could not be read" in log and "trunc.jpg" in log
+    assert "(over 6 of 12 images; 6 unreadable)" in log
 
 
 @pytest.mark.slow
