@@ -116,8 +116,10 @@ def _check_one(item: tuple) -> tuple[int, list[tuple], tuple[int, int] | None, l
             findings.append(("degenerate_box", ann_id, f"box {box}"))
         elif x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
             findings.append(("outside_image", ann_id, f"box {box} in a {h}x{w} image"))
-        if full and "segmentation" in ann:
+        if full and ("segmentation" in ann or (mask_on and not ann.get("iscrowd", 0))):
             try:
+                if "segmentation" not in ann:  # the mask head needs one per instance
+                    raise InvalidAnnotationError(f"annotation {ann_id}: no 'segmentation'")
                 validate_segmentation(ann["segmentation"], h, w, ann_id=ann_id)
             except DatasetError as e:
                 findings.append(("invalid_segmentation", ann_id, str(e)))

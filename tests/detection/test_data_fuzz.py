@@ -197,7 +197,8 @@ records_direct = st.fixed_dictionaries({
         "bbox": maybe(boxes),
         "category_id": maybe(st.integers(-1, 3)),
         "segmentation": segmentations,
-    })), max_size=4)),
+    }).map(lambda a: a if a["id"] else {k: v for k, v in a.items() if k != "segmentation"})),
+        max_size=4)),
 })
 
 
