@@ -295,17 +295,20 @@ def start_watchdog() -> Optional[RankWatchdog]:
 
 
 def explain_failure(exc: BaseException) -> Optional[str]:
-    """Which other rank made ``exc`` happen here (its message, or that it died), or None when
-    this rank's own error is the cause. Waits a few heartbeats when ``exc`` could come from
-    a collective (a ``RuntimeError``)."""
-    if _WATCHDOG is None:
+    """Which other rank made ``exc`` happen here (its posted error, or that it died), or
+    None when this rank's own error is the cause. Only a ``RuntimeError`` (what a failed
+    collective raises) is examined, which takes a few heartbeats; the answer is kept on
+    ``exc``."""
+    if _WATCHDOG is None or not isinstance(exc, RuntimeError) or isinstance(exc, PeerFailure):
         return None
-    return _WATCHDOG.blame(wait=isinstance(exc, RuntimeError))
+    if not hasattr(exc, "_detkit_cause"):
+        exc._detkit_cause = _WATCHDOG.blame(wait=True)
+    return exc._detkit_cause
 
 
-def note_failure(exc: BaseException) -> None:
-    """Post this rank's failure for the other ranks, and make sure the process ends within
-    the grace time even if shutting down hangs on a broken process group."""
+def post_failure(exc: BaseException) -> None:
+    """Tell the other ranks why this rank stops: its own error, or the rank it blames.
+    Their watchdogs then stop them, even when this process lingers."""
     if _WATCHDOG is None:
         return
     if isinstance(exc, PeerFailure):
@@ -315,5 +318,13 @@ def note_failure(exc: BaseException) -> None:
         msg = (f"rank {_WATCHDOG.rank} stopped because {cause}" if cause else
                f"rank {_WATCHDOG.rank} raised {type(exc).__name__}: {str(exc)[:500]}")
     _WATCHDOG.post(msg)
+
+
+def note_failure(exc: BaseException) -> None:
+    """For an exception that ends this process: :func:`post_failure`, and make sure the
+    process ends within the grace time even if shutting down hangs on a broken group."""
+    if _WATCHDOG is None:
+        return
+    post_failure(exc)
     _WATCHDOG.stop(done=False)
     arm_exit(_WATCHDOG.exit_grace)

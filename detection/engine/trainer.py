@@ -198,11 +198,13 @@ class Trainer:
             self._stop_if_signalled(du.any_rank(self.signals.received is not None))
             du.synchronize()
         except Exception as e:
-            cause = du.explain_failure(e) if du.get_world_size() > 1 and not isinstance(
-                e, du.PeerFailure) else None
-            if cause:
-                raise du.PeerFailure(f"rank {du.get_rank()} stops after {self.iteration} "
-                                     f"iterations: {cause}") from e
+            if du.get_world_size() > 1:  # name the rank to blame, and tell the others
+                cause = du.explain_failure(e)
+                err = du.PeerFailure(f"rank {du.get_rank()} stops after {self.iteration} "
+                                     f"iterations: {cause}") if cause else e
+                du.post_failure(err)
+                if cause:
+                    raise err from e
             raise
         finally:
             bar.close()

@@ -11,12 +11,9 @@ Kinds (``iteration`` counts from 1; ``rank`` defaults to every rank):
                   changed and before the iteration is counted
     kill-write    SIGKILL halfway through writing the checkpoint of iteration N: the temporary
                   file holds half the bytes, fsynced
-    kill-pointer  SIGKILL after the checkpoint of iteration N is renamed into place and before
-                  ``last_checkpoint`` names it
     kill-eval     SIGKILL on the second image of the evaluation that follows iteration N
                   (N = SOLVER.MAX_ITER: the final evaluation)
     term-step     SIGTERM to itself inside iteration N's optimizer step (a cluster preempting)
-    int-step      SIGINT to itself there (Ctrl-C)
     raise-step    raise RuntimeError("injected fault ...") there
 """
 
@@ -32,7 +29,6 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from detection.engine import checkpoint as ckpt_module  # noqa: E402
 from detection.engine.trainer import Trainer  # noqa: E402
 
 
@@ -87,20 +83,6 @@ def _patch_write(iteration: int) -> None:
     torch.save = save
 
 
-def _patch_pointer(iteration: int) -> None:
-    real = ckpt_module.atomic_write_text
-
-    def write_text(path, text):
-        if text.strip() in (f"model_{iteration:07d}.pth", "model_final.pth") and (
-                Path(path).parent / text.strip()).is_file():
-            state = ckpt_module.load_checkpoint(Path(path).parent / text.strip())
-            if state["iteration"] == iteration:
-                _die()
-        return real(path, text)
-
-    ckpt_module.atomic_write_text = write_text
-
-
 def _patch_eval(iteration: int) -> None:
     init = Trainer.__init__
 
@@ -125,19 +107,16 @@ def install(spec: str) -> None:
     if rank and rank != os.environ.get("RANK", "0"):
         return
     n = int(iteration)
-    signals = {"term-step": signal.SIGTERM, "int-step": signal.SIGINT}
     if kind == "kill-step":
         _patch_step(n, _die)
-    elif kind in signals:
-        _patch_step(n, lambda: os.kill(os.getpid(), signals[kind]))
+    elif kind == "term-step":
+        _patch_step(n, lambda: os.kill(os.getpid(), signal.SIGTERM))
     elif kind == "raise-step":
         def boom():
             raise RuntimeError(f"injected fault at iteration {n}")
         _patch_step(n, boom)
     elif kind == "kill-write":
         _patch_write(n)
-    elif kind == "kill-pointer":
-        _patch_pointer(n)
     elif kind == "kill-eval":
         _patch_eval(n)
     else:
