@@ -20,8 +20,9 @@ from PIL import Image
 
 import segmentation  # noqa: F401  (registers segmentation config keys and models)
 from detection.data.image_io import read_image
-from detection.engine import runner
-from detection.modeling.predictor import load_model, predict
+from detection.deploy import PRECISIONS, RUNTIMES
+from detection.deploy.loading import load_for_inference
+from detection.modeling.predictor import predict
 from detection.visualization import draw_instances
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -60,9 +61,14 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="demo_out", help="folder for the pictures")
     parser.add_argument("--score-threshold", type=float, default=0.5)
     parser.add_argument("--limit", type=int, default=None, help="at most this many images")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=None,
+                        help="inference runtime (default: the config's TEST.RUNTIME, torch)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="fp32 or bf16 (default: the config's TEST.PRECISION, fp32)")
     args = parser.parse_args(argv)
 
-    model = load_model(runner.inference_config(args.config, args.weights), args.weights)
+    model, _ = load_for_inference(args.config, args.weights, runtime=args.runtime,
+                                  precision=args.precision)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in list_images(args.input, args.limit):

@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 import segmentation  # noqa: F401  (registers segmentation config keys and models)
 from detection.data.image_io import read_image
-from detection.engine import runner
+from detection.deploy import PRECISIONS, RUNTIMES
+from detection.deploy.loading import load_for_inference
 from detection.evaluation.coco_evaluation import detections_to_coco_results, write_coco_submission
-from detection.modeling.predictor import load_model, predict
+from detection.modeling.predictor import predict
 
 
 def images_from_info(info_json: Path, image_root: Path):
@@ -63,9 +64,14 @@ def main(argv=None) -> int:
     parser.add_argument("--alg", default="detkit", help="algorithm name in the file name")
     parser.add_argument("--output", type=Path, default=Path("submission"))
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=None,
+                        help="inference runtime (default: the config's TEST.RUNTIME, torch)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="fp32 or bf16 (default: the config's TEST.PRECISION, fp32)")
     args = parser.parse_args(argv)
 
-    model = load_model(runner.inference_config(args.config, args.weights), args.weights)
+    model, _ = load_for_inference(args.config, args.weights, runtime=args.runtime,
+                                  precision=args.precision)
     if args.image_info is not None:
         root = args.image_root or args.image_info.parent
         images = images_from_info(args.image_info, root)

@@ -7,11 +7,12 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from .tracing import is_tracing
+
 
 def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
     """Per-image boxes ``(R_i, 4)`` -> ``(sum R_i, 5)`` rows of (image index, x1, y1, x2, y2)."""
-    idx = torch.cat([torch.full((b.shape[0], 1), i, dtype=b.dtype, device=b.device)
-                     for i, b in enumerate(boxes)])
+    idx = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
     return torch.cat([idx, torch.cat(list(boxes))], dim=1)
 
 
@@ -60,6 +61,11 @@ class ROIPooler(nn.Module):
     def forward(self, features: List[Tensor], boxes: Sequence[Tensor]) -> Tensor:
         """features ``(N, C, H_l, W_l)`` per level, boxes per image ``(R_i, 4)`` ->
         ``(sum R_i, C, S, S)`` in the order of the boxes."""
+        # torchvision's RoIAlign runs in float32 and float64 only (features of a bf16
+        # backbone are pooled in float32), and reads NCHW: one pass makes both.
+        features = [f if f.dtype in (torch.float32, torch.float64) else
+                    f.to(torch.float32, memory_format=torch.contiguous_format)
+                    for f in features]
         rois = boxes_to_rois(boxes).to(features[0].dtype)
         if len(features) == 1:
             return roi_align(features[0], rois, self.output_size, self.scales[0],
@@ -68,7 +74,7 @@ class ROIPooler(nn.Module):
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
         for lvl, (feat, scale) in enumerate(zip(features, self.scales)):
             idx = torch.nonzero(levels == lvl).squeeze(1)
-            if idx.numel():
+            if idx.numel() or is_tracing():  # (traced: no branch on the data)
                 out[idx] = roi_align(feat, rois[idx], self.output_size, scale,
                                      self.sampling_ratio, self.aligned).to(out.dtype)
         return out
