@@ -108,28 +108,43 @@ def caffe2_resnet_to_ours(
 
 # timm ResNet features that our ResNet does not implement: (key pattern, what it is).
 _TIMM_UNSUPPORTED = (
-    (r"^conv1\.\d+\.", "a deep stem (ResNet-C/D, three 3x3 convs)"),
-    (r"\.downsample\.2\.", "an average-pool shortcut (ResNet-D 'avg_down')"),
     (r"\.(se|attn)\.", "squeeze-excitation / attention modules"),
+    (r"^conv1\.(?![01346]\.)\d+\.", "a stem other than the deep stem of ResNet-C/D"),
 )
+# timm's deep stem (``stem_type="deep"``): conv1 = Sequential(conv, bn, act, conv, bn, act,
+# conv), then bn1 -> ours (``backbones.stems.DeepStem``).
+_TIMM_DEEP_STEM = {"conv1.0.": "stem.conv1.", "conv1.1.": "stem.bn1.", "conv1.3.": "stem.conv2.",
+                   "conv1.4.": "stem.bn2.", "conv1.6.": "stem.conv3.", "bn1.": "stem.bn3."}
 
 
 def timm_resnet_to_ours(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """timm ``ResNet`` names -> ours.
 
     timm's plain ResNets (``resnet50.a1_in1k``, ``resnet50.tv_in1k`` ...) use torchvision's
-    names (``conv1``, ``bn1``, ``layer1..4``, ``downsample.0/1``, ``fc``). Variants with a deep
-    stem, an average-pool shortcut or attention modules have no counterpart here: refused with
-    a ValueError naming the first such key.
+    names (``conv1``, ``bn1``, ``layer1..4``, ``downsample.0/1``, ``fc``). ResNet-D
+    (``resnet50d``) has a deep stem, ``conv1.{0,1,3,4,6}`` and ``bn1`` -> ``stem.conv1/bn1,
+    conv2/bn2, conv3/bn3``, and average-pool shortcuts, whose ``downsample.1/.2`` (conv,
+    norm after the pool) keep their names. Attention modules and other stems have no
+    counterpart here: refused with a ValueError naming the first such key.
     """
     for key in state_dict:
         for pattern, what in _TIMM_UNSUPPORTED:
             if re.search(pattern, key):
                 raise ValueError(
                     f"timm checkpoint key {key!r} belongs to {what}, which this ResNet does "
-                    "not implement; use a plain timm ResNet (e.g. resnet50.a1_in1k)"
+                    "not implement; use a plain timm ResNet or ResNet-D (resnet50.a1_in1k, "
+                    "resnet50d.ra2_in1k)"
                 )
-    return torchvision_resnet_to_ours(state_dict)
+    if "conv1.0.weight" not in state_dict:
+        return torchvision_resnet_to_ours(state_dict)
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in _TIMM_DEEP_STEM if key.startswith(p)), None)
+        if prefix is not None:
+            out[_TIMM_DEEP_STEM[prefix] + key[len(prefix):]] = value
+        else:
+            out.update(torchvision_resnet_to_ours({key: value}))
+    return out
 
 
 # Key formats ``detect_format`` tells apart, and their converters.
@@ -138,8 +153,8 @@ FORMATS = ("caffe2", "detectron2", "torchvision", "timm", "ours")
 
 def detect_format(keys: Iterable[str]) -> str:
     """Which naming a ResNet state dict uses, from its keys: "caffe2" (MSRA ``.pkl``),
-    "detectron2", "torchvision" (also timm's plain ResNets) or "ours". Raises ValueError
-    when none fits, showing a few keys."""
+    "detectron2", "torchvision" (also timm's plain ResNets), "timm" (timm's deep-stem
+    ResNet-D) or "ours". Raises ValueError when none fits, showing a few keys."""
     keys = list(keys)
     key_set = set(keys)
     if "conv1_w" in key_set or "res_conv1_bn_s" in key_set or any(
@@ -151,7 +166,9 @@ def detect_format(keys: Iterable[str]) -> str:
         return "detectron2"
     if "stem.bn1.weight" in key_set or any(re.match(r"res[2-5]\.\d+\.", k) for k in keys):
         return "ours"
-    if "conv1.weight" in key_set or "conv1.0.weight" in key_set or any(
+    if "conv1.0.weight" in key_set:
+        return "timm"
+    if "conv1.weight" in key_set or any(
         k.startswith("layer1.") for k in keys
     ):
         return "torchvision"

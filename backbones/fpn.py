@@ -20,6 +20,8 @@ from .shape_spec import ShapeSpec
 class ConvNorm(nn.Module):
     """A conv followed by an optional norm; the conv has a bias only without a norm."""
 
+    conv_norm_pairs = (("conv", "norm"),)
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm: str) -> None:
         super().__init__()
         use_norm = norm not in ("none", "", None)

@@ -6,6 +6,16 @@ oneDNN applies both inside the convolution ("post-ops"); PyTorch exposes that as
 ``torch.ops.mkldnn._convolution_pointwise``. ``fuse_conv_relu(model)`` swaps our ResNet
 blocks and stem for fused versions that call it on CPU float32 inputs and fall back to the
 plain ops elsewhere (CUDA, other dtypes, autograd), so the result is always the same function.
+
+Nothing here knows our layer names. A module opts in by declaring, as class attributes:
+
+- ``conv_norm_pairs``: (conv, norm) attribute names, each norm right after its conv; the
+  folding in ``backbones.inference`` reads them;
+- ``residual_convs``: a residual block's main-path convs in order (each followed by a ReLU,
+  the last by the shortcut add and a ReLU), with the shortcut in ``downsample``: the block
+  becomes a ``FusedBlock``;
+- ``relu_after_pairs = True``: its forward runs every declared pair through
+  ``conv_norm_relu`` (a stem); each folded conv becomes a ``FusedConv2d`` with the ReLU inside.
 """
 
 from typing import Optional
@@ -13,8 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from .resnet import BasicBlock, Bottleneck, Stem
+from torchvision.ops import FrozenBatchNorm2d
 
 
 def _fusion_available() -> bool:
@@ -88,19 +97,34 @@ def apply_relu(module: nn.Module, x: Tensor) -> Tensor:
     return out if getattr(module, "fused_relu", False) else F.relu(out)
 
 
+def conv_norm_relu(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
+    """``relu(norm(conv(x)))``; a ``FusedConv2d`` (its norm folded, so ``norm`` is an
+    Identity) applies the ReLU itself."""
+    if getattr(conv, "fused_relu", False):
+        return conv(x)
+    return F.relu_(norm(conv(x)))
+
+
+def _is_folded(module: nn.Module) -> bool:
+    return isinstance(module, nn.Identity)
+
+
 class FusedBlock(nn.Module):
-    """A folded BasicBlock or Bottleneck: each conv with its ReLU, the last one with the
-    shortcut add and ReLU."""
+    """A folded residual block (one declaring ``residual_convs``): each conv with its ReLU,
+    the last one with the shortcut add and ReLU. The shortcut keeps its pool, if any, and
+    its folded conv."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
-        names = ["conv1", "conv2", "conv3"] if isinstance(block, Bottleneck) else \
-            ["conv1", "conv2"]
-        convs = [getattr(block, n) for n in names]
+        convs = [getattr(block, n) for n in block.residual_convs]
         if not all(type(c) is nn.Conv2d for c in convs):
             raise ValueError("only plain (non-deformable) convs can be fused")
         self.convs = nn.ModuleList(FusedConv2d(c, relu=True) for c in convs)
-        self.downsample = block.downsample[0] if block.downsample is not None else None
+        shortcut = [] if block.downsample is None else [
+            m for m in block.downsample if not isinstance(m, nn.Identity)]
+        self.downsample: Optional[nn.Module] = (
+            None if not shortcut else shortcut[0] if len(shortcut) == 1
+            else nn.Sequential(*shortcut))
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -110,35 +134,44 @@ class FusedBlock(nn.Module):
         return self.convs[-1](out, identity)
 
 
-class FusedStem(nn.Module):
-    def __init__(self, stem: Stem) -> None:
-        super().__init__()
-        self.conv1 = FusedConv2d(stem.conv1, relu=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.max_pool2d(self.conv1(x), kernel_size=3, stride=2, padding=1)
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 
 
-def _folded(block: nn.Module) -> bool:
-    norms = [getattr(block, n, None) for n in ("bn1", "bn2", "bn3")]
-    ds = block.downsample
-    ds_ok = ds is None or (len(ds) == 2 and isinstance(ds[1], nn.Identity))
-    return all(n is None or isinstance(n, nn.Identity) for n in norms) and ds_ok
+def _norms_folded(module: nn.Module) -> bool:
+    """Every declared norm of ``module`` is folded away, and its shortcut (if any) holds no
+    norm layer any more."""
+    pairs = getattr(module, "conv_norm_pairs", ())
+    if not all(_is_folded(getattr(module, norm)) for _, norm in pairs):
+        return False
+    shortcut = getattr(module, "downsample", None)
+    return shortcut is None or not any(
+        isinstance(m, _NORM_TYPES) for m in shortcut.modules())
+
+
+def _fusable_block(module: nn.Module) -> bool:
+    return (bool(getattr(module, "residual_convs", ()))
+            and all(type(getattr(module, n)) is nn.Conv2d for n in module.residual_convs)
+            and _norms_folded(module))
 
 
 @torch.no_grad()
 def fuse_conv_relu(model: nn.Module) -> nn.Module:
-    """Replace, in place, every already-folded ResNet block and stem of ``model`` by its fused
-    version (inference only). Blocks whose norms are not folded, or with deformable convs,
-    are left as they are. Returns the model."""
+    """In place, for inference: every already-folded residual block of ``model`` becomes a
+    ``FusedBlock``, and every folded conv of a module declaring ``relu_after_pairs`` (a stem)
+    a ``FusedConv2d`` with the ReLU inside.
+    Blocks whose norms are not folded, or with deformable convs, are left as they are.
+    Returns the model."""
     if not _fusion_available():
         return model
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, (BasicBlock, Bottleneck)) and _folded(child) and \
-                    all(type(getattr(child, n, nn.Conv2d(1, 1, 1))) is nn.Conv2d
-                        for n in ("conv1", "conv2", "conv3")):
+            if _fusable_block(child):
                 setattr(parent, name, FusedBlock(child))
-            elif isinstance(child, Stem) and isinstance(child.bn1, nn.Identity):
-                setattr(parent, name, FusedStem(child))
+    for module in list(model.modules()):
+        if not getattr(module, "relu_after_pairs", False):
+            continue
+        for conv_name, norm_name in module.conv_norm_pairs:
+            conv = getattr(module, conv_name)
+            if type(conv) is nn.Conv2d and _is_folded(getattr(module, norm_name)):
+                setattr(module, conv_name, FusedConv2d(conv, relu=True))
     return model

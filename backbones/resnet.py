@@ -1,181 +1,39 @@
-"""The ResNet family (He et al., CVPR 2016) with ResNeXt and Wide ResNet variants.
+"""The ResNet family (He et al., CVPR 2016) with ResNeXt, Wide ResNet and ResNet-D variants.
 
 Parameter names (what converters map to):
 
-    stem.conv1, stem.bn1                      7x7/2 conv and its norm (then ReLU, 3x3/2 max-pool)
-    res{2..5}.{i}.conv1 / bn1, conv2 / bn2    block convs and norms (conv3 / bn3 for bottlenecks)
-    res{2..5}.{i}.conv2.offset                offset (and mask) conv of a deformable block
-    res{2..5}.{i}.downsample.0 / .1           projection shortcut conv and norm
+    stem.*                                    see ``backbones.stems`` (classic: conv1 / bn1)
+    res{2..5}.{i}.*                           see ``backbones.blocks`` (conv1 / bn1, ...)
     fc                                        classification head (only with num_classes > 0)
 
-Stage ``res{k}`` has stride ``2**k`` (4, 8, 16, 32) unless dilated.
+Stage ``res{k}`` has stride ``2**k`` (4, 8, 16, 32) unless dilated. The architectures by name
+are in ``backbones.archs.ARCHS``; each has a builder here, registered for
+``build_backbone(name)``.
 """
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import deform_conv2d
 
+from .archs import ARCHS, ResNetArch
 from .base import Backbone, check_image_batch
-from .norm import freeze_batchnorm, get_norm
+from .blocks import BLOCKS, BasicBlock, Bottleneck, DeformConv2d, make_stage
+from .norm import freeze_batchnorm
+from .registry import build_backbone, list_backbones, register_backbone
 from .shape_spec import ShapeSpec
+from .stems import Stem, build_stem
+from .weights import load_pretrained, resolve_weights
+
+__all__ = [
+    "ARCHS", "BasicBlock", "Bottleneck", "ResNet", "ResNetArch", "Stem", "build_backbone",
+    "list_backbones", "make_stage", "register_backbone", "resnet18", "resnet34", "resnet50",
+    "resnet50d", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+    "wide_resnet50_2",
+]
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
-
-
-class DeformConv2d(nn.Module):
-    """A 3x3 deformable convolution (DCNv1, or DCNv2 when ``modulated``) whose offsets (and
-    mask) come from a zero-initialised conv (detectron2 names it ``conv2_offset``)."""
-
-    def __init__(
-        self, in_channels: int, out_channels: int, *, stride: int, dilation: int, groups: int,
-        deform_groups: int = 1, modulated: bool = False,
-    ) -> None:
-        super().__init__()
-        self.stride, self.dilation, self.padding = stride, dilation, dilation
-        self.modulated, self.deform_groups = modulated, deform_groups
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, 3, 3))
-        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
-        self.register_parameter("bias", None)
-        offset_channels = deform_groups * (27 if modulated else 18)
-        self.offset = nn.Conv2d(
-            in_channels, offset_channels, 3, stride=stride, padding=dilation, dilation=dilation
-        )
-        nn.init.zeros_(self.offset.weight)
-        nn.init.zeros_(self.offset.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.offset(x)
-        mask = None
-        if self.modulated:
-            n = 18 * self.deform_groups
-            out, mask = out[:, :n], out[:, n:].sigmoid()
-        return deform_conv2d(
-            x, out, self.weight, self.bias, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, mask=mask,
-        )
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convs (ResNet-18/34)."""
-
-    expansion = 1
-
-    def __init__(
-        self, in_channels: int, planes: int, *, stride: int = 1, dilation: int = 1,
-        norm: str = "BN", groups: int = 1, width_per_group: int = 64,
-        stride_in_1x1: bool = False, deform: bool = False, deform_modulated: bool = False,
-    ) -> None:
-        super().__init__()
-        if groups != 1 or width_per_group != 64:
-            raise ValueError("BasicBlock supports only groups=1 and width_per_group=64")
-        if deform:
-            raise ValueError("deformable convolution is supported in bottleneck blocks only")
-        out_channels = planes * self.expansion
-        self.conv1 = nn.Conv2d(in_channels, planes, 3, stride=stride, padding=dilation,
-                               dilation=dilation, bias=False)
-        self.bn1 = get_norm(norm, planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation,
-                               bias=False)
-        self.bn2 = get_norm(norm, planes)
-        self.downsample = _shortcut(in_channels, out_channels, stride, norm)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu_(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return F.relu_(out + identity)
-
-
-class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (grouped for ResNeXt, optionally deformable), 1x1 expand.
-
-    ``stride_in_1x1`` puts the stride in the first 1x1 conv (the paper's and MSRA's layout,
-    "caffe" style); otherwise it sits in the 3x3 conv (torchvision's, "pytorch" style).
-    """
-
-    expansion = 4
-
-    def __init__(
-        self, in_channels: int, planes: int, *, stride: int = 1, dilation: int = 1,
-        norm: str = "BN", groups: int = 1, width_per_group: int = 64,
-        stride_in_1x1: bool = False, deform: bool = False, deform_modulated: bool = False,
-    ) -> None:
-        super().__init__()
-        width = int(planes * (width_per_group / 64.0)) * groups
-        out_channels = planes * self.expansion
-        s1x1, s3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = nn.Conv2d(in_channels, width, 1, stride=s1x1, bias=False)
-        self.bn1 = get_norm(norm, width)
-        if deform:
-            self.conv2 = DeformConv2d(width, width, stride=s3x3, dilation=dilation,
-                                      groups=groups, modulated=deform_modulated)
-        else:
-            self.conv2 = nn.Conv2d(width, width, 3, stride=s3x3, padding=dilation,
-                                   dilation=dilation, groups=groups, bias=False)
-        self.bn2 = get_norm(norm, width)
-        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
-        self.bn3 = get_norm(norm, out_channels)
-        self.downsample = _shortcut(in_channels, out_channels, stride, norm)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu_(self.bn1(self.conv1(x)))
-        out = F.relu_(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return F.relu_(out + identity)
-
-
-def _shortcut(in_channels: int, out_channels: int, stride: int, norm: str) -> Optional[nn.Module]:
-    if stride == 1 and in_channels == out_channels:
-        return None
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-        get_norm(norm, out_channels),
-    )
-
-
-BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
-
-
-def make_stage(
-    block: Union[str, type], num_blocks: int, in_channels: int, planes: int, *,
-    stride: int = 2, dilation: int = 1, first_dilation: Optional[int] = None, norm: str = "BN",
-    groups: int = 1, width_per_group: int = 64, stride_in_1x1: bool = False,
-    deform: bool = False, deform_modulated: bool = False,
-) -> nn.Sequential:
-    """One ResNet stage: ``num_blocks`` blocks, the first with ``stride``.
-
-    ``first_dilation`` is the first block's dilation (torchvision keeps the previous stage's
-    there; detectron2 uses ``dilation`` for every block, the default). Used by ``ResNet`` and
-    on its own by the C4 detector, whose box head is res5.
-    """
-    block_cls = BLOCKS[block] if isinstance(block, str) else block
-    blocks = []
-    for i in range(num_blocks):
-        d = first_dilation if (i == 0 and first_dilation is not None) else dilation
-        blocks.append(block_cls(
-            in_channels, planes, stride=stride if i == 0 else 1, dilation=d, norm=norm,
-            groups=groups, width_per_group=width_per_group, stride_in_1x1=stride_in_1x1,
-            deform=deform, deform_modulated=deform_modulated,
-        ))
-        in_channels = planes * block_cls.expansion
-    return nn.Sequential(*blocks)
-
-
-class Stem(nn.Module):
-    """7x7 stride-2 conv, norm, ReLU, 3x3 stride-2 max-pool: stride 4 in all."""
-
-    def __init__(self, in_channels: int = 3, out_channels: int = 64, norm: str = "BN") -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 7, stride=2, padding=3, bias=False)
-        self.bn1 = get_norm(norm, out_channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.relu_(self.bn1(self.conv1(x)))
-        return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
 
 
 class ResNet(Backbone):
@@ -187,6 +45,10 @@ class ResNet(Backbone):
         norm: "BN", "FrozenBN", "SyncBN" or "GN".
         freeze_at: 0 freezes nothing, 1 the stem, k the stem and res2..res{k}.
         style: "pytorch" (stride in the 3x3) or "caffe" (stride in the first 1x1).
+        stem: a name in ``backbones.stems.STEMS`` ("classic" 7x7, "deep" three 3x3s) or a
+            built module with ``out_channels`` and ``stride`` attributes.
+        stem_channels: output channels of a named stem.
+        avg_down: downsampling shortcuts average-pool before a stride-1 1x1 conv (ResNet-D).
         dilations: dilation of res2..res5 (1 or 2 for res4/res5). A dilated stage keeps
             stride 1. Output stride 16 is ``(1, 1, 1, 2)`` (DC5), 8 is ``(1, 1, 2, 4)``.
         dilation_mode: "detectron2" dilates every block of a dilated stage; "torchvision" gives
@@ -200,7 +62,8 @@ class ResNet(Backbone):
     def __init__(
         self, *, block: str, layers: Sequence[int], norm: str = "BN", freeze_at: int = 0,
         style: str = "pytorch", groups: int = 1, width_per_group: int = 64,
-        stem_channels: int = 64, dilations: Sequence[int] = (1, 1, 1, 1),
+        stem: Union[str, nn.Module] = "classic", stem_channels: int = 64,
+        avg_down: bool = False, dilations: Sequence[int] = (1, 1, 1, 1),
         dilation_mode: str = "detectron2", deform_stages: Sequence[str] = (),
         deform_modulated: bool = False, out_features: Optional[Sequence[str]] = None,
         num_classes: int = 0,
@@ -228,12 +91,16 @@ class ResNet(Backbone):
 
         self.block, self.layers, self.norm = block, tuple(layers), norm
         self.style, self.freeze_at, self.num_classes = style, freeze_at, num_classes
-        self.stem = Stem(3, stem_channels, norm)
+        self.stem = build_stem(stem, 3, stem_channels, norm) if isinstance(stem, str) else stem
+        for attr in ("out_channels", "stride"):
+            if not isinstance(getattr(self.stem, attr, None), int):
+                raise ValueError(f"a stem module needs an int {attr!r} attribute, "
+                                 f"{type(self.stem).__name__} has none")
         last_needed = 4 if "logits" in out_features else max(
             STAGE_NAMES.index(f) for f in out_features if f != "logits"
         )
         expansion = BLOCKS[block].expansion
-        in_channels, stride, prev_dilation = stem_channels, 4, 1
+        in_channels, stride, prev_dilation = self.stem.out_channels, self.stem.stride, 1
         shapes: Dict[str, ShapeSpec] = {}
         self.stage_names: List[str] = []
         for i, name in enumerate(STAGE_NAMES[: last_needed + 1]):
@@ -245,7 +112,7 @@ class ResNet(Backbone):
                 block, layers[i], in_channels, planes, stride=stage_stride, dilation=dilation,
                 first_dilation=first, norm=norm, groups=groups, width_per_group=width_per_group,
                 stride_in_1x1=style == "caffe", deform=name in deform_stages,
-                deform_modulated=deform_modulated,
+                deform_modulated=deform_modulated, avg_down=avg_down,
             )
             self.add_module(name, stage)
             self.stage_names.append(name)
@@ -303,40 +170,6 @@ class ResNet(Backbone):
         return feats["logits"]
 
 
-# --------------------------------------------------------------------------- registry
-
-_BUILDERS: Dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_backbone(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    _BUILDERS[fn.__name__] = fn
-    return fn
-
-
-def list_backbones() -> List[str]:
-    return sorted(_BUILDERS)
-
-
-def build_backbone(name: str, **kwargs) -> nn.Module:
-    """Build a registered backbone by name; the error lists the valid names."""
-    if name not in _BUILDERS:
-        raise KeyError(f"unknown backbone {name!r}; valid backbones: {', '.join(list_backbones())}")
-    return _BUILDERS[name](**kwargs)
-
-
-# Table 1 of the paper plus the torchvision variants: (block, layers, groups, width_per_group)
-ARCHS: Dict[str, Tuple[str, Tuple[int, int, int, int], int, int]] = {
-    "resnet18": ("basic", (2, 2, 2, 2), 1, 64),
-    "resnet34": ("basic", (3, 4, 6, 3), 1, 64),
-    "resnet50": ("bottleneck", (3, 4, 6, 3), 1, 64),
-    "resnet101": ("bottleneck", (3, 4, 23, 3), 1, 64),
-    "resnet152": ("bottleneck", (3, 8, 36, 3), 1, 64),
-    "resnext50_32x4d": ("bottleneck", (3, 4, 6, 3), 32, 4),
-    "resnext101_32x8d": ("bottleneck", (3, 4, 23, 3), 32, 8),
-    "wide_resnet50_2": ("bottleneck", (3, 4, 6, 3), 1, 128),
-}
-
-
 def _build(
     arch: str, *, weights: Optional[str] = None, norm: Optional[str] = None,
     freeze_at: Optional[int] = None, style: Optional[str] = None, progress: bool = True,
@@ -346,13 +179,10 @@ def _build(
 
     Defaults follow the weights: pretrained gives FrozenBN and freeze_at 2, and the
     stride placement the weights were trained with; no weights gives BN, nothing frozen.
+    The architecture's groups, width, stem and shortcut can be overridden by keyword.
     """
-    block, layers, groups, width = ARCHS[arch]
-    spec = None
-    if weights is not None:
-        from .weights import resolve_weights
-
-        spec = resolve_weights(weights, arch=arch)
+    a: ResNetArch = ARCHS[arch]
+    spec = resolve_weights(weights, arch=arch) if weights is not None else None
     if norm is None:
         norm = "FrozenBN" if weights is not None else "BN"
     if freeze_at is None:
@@ -365,11 +195,12 @@ def _build(
                 f"weights {spec.name!r} have {spec.num_classes} classes, "
                 f"num_classes={kwargs['num_classes']} was asked for"
             )
-    model = ResNet(block=block, layers=layers, groups=groups, width_per_group=width,
-                   norm=norm, freeze_at=0, style=style, **kwargs)
+    options = dict(groups=a.groups, width_per_group=a.width_per_group, stem=a.stem,
+                   avg_down=a.avg_down)
+    options.update(kwargs)
+    model = ResNet(block=a.block, layers=a.layers, norm=norm, freeze_at=0, style=style,
+                   **options)
     if weights is not None:
-        from .weights import load_pretrained
-
         load_pretrained(model, weights, spec=spec, progress=progress)
     model.freeze(freeze_at)
     return model
@@ -383,11 +214,13 @@ def _make_builder(arch: str) -> Callable[..., ResNet]:
         return _build(arch, weights=weights, norm=norm, freeze_at=freeze_at, style=style,
                       **kwargs)
 
+    a = ARCHS[arch]
     builder.__name__ = builder.__qualname__ = arch
     builder.__doc__ = (
-        f"{arch}: {ARCHS[arch][0]} blocks {list(ARCHS[arch][1])}, groups {ARCHS[arch][2]}, "
-        f"width/group {ARCHS[arch][3]}. Keyword options as in ``ResNet``; ``weights`` is a "
-        "registered name (see ``list_weights()``), a URL or a local path."
+        f"{arch}: {a.block} blocks {list(a.layers)}, groups {a.groups}, width/group "
+        f"{a.width_per_group}, {a.stem} stem{', average-pool shortcuts' if a.avg_down else ''}."
+        " Keyword options as in ``ResNet``; ``weights`` is a registered name (see "
+        "``list_weights()``), a URL or a local path."
     )
     return register_backbone(builder)
 
@@ -400,3 +233,4 @@ resnet152 = _make_builder("resnet152")
 resnext50_32x4d = _make_builder("resnext50_32x4d")
 resnext101_32x8d = _make_builder("resnext101_32x8d")
 wide_resnet50_2 = _make_builder("wide_resnet50_2")
+resnet50d = _make_builder("resnet50d")

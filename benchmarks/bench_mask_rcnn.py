@@ -21,8 +21,8 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 
 import segmentation  # noqa: E402, F401  (MODEL.MASK_ON)
-from detection.config import load_config  # noqa: E402
 from detection.modeling.convert import load_state_dict  # noqa: E402
+from segmentation.config import load_config  # noqa: E402
 from segmentation.mask_rcnn import build_mask_rcnn, torchvision_to_ours  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs/torchvision/maskrcnn_resnet50_fpn.yaml"

@@ -9,9 +9,10 @@ command-line ``KEY VALUE`` pairs. Every merge is validated:
 - a value of the wrong type raises :class:`ConfigTypeError` naming the key, the expected type
   and the value. An int given for a float key is converted, a list for a tuple key too.
 
-Key names follow detectron2's. ``cfg.MODEL.*`` and the test/train sizes in ``cfg.INPUT`` belong
-to ``detection.modeling.defaults.add_model_config``; fallbacks for the ``INPUT`` sizes are set
-here so that the data path works on its own.
+The defaults live in :mod:`detection.defaults` (all of detection's keys, one tree). Packages
+above detection add theirs explicitly, in their own ``get_cfg()`` (``segmentation.config``);
+``load_config(..., cfg=segmentation.config.get_cfg())`` loads a config of theirs, and a key of
+theirs met by detection's tree alone is an error that says which package declares it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import difflib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
@@ -31,10 +32,8 @@ __all__ = [
     "ConfigError",
     "ConfigKeyError",
     "ConfigTypeError",
-    "CONFIG_EXTENDERS",
     "get_cfg",
     "load_config",
-    "register_config_extender",
     "resolve_config_path",
     "save_config",
 ]
@@ -128,7 +127,36 @@ def _coerce(full_key: str, default: Any, value: Any, source: str | None) -> Any:
     return value
 
 
+def _has_key(root: _FvCfgNode, dotted: str) -> bool:
+    node: Any = root
+    for part in dotted.split("."):
+        if not isinstance(node, _FvCfgNode) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _declared_elsewhere(root: _FvCfgNode, full_key: str) -> str | None:
+    """The hint for a key that this tree renamed, or that another package declares and this
+    tree lacks."""
+    from detection.defaults import KEYS_DECLARED_ABOVE, RENAMED_KEYS
+
+    if full_key in RENAMED_KEYS:
+        return f" Use {RENAMED_KEYS[full_key]}."
+    for prefix, package in KEYS_DECLARED_ABOVE.items():
+        if (full_key == prefix or full_key.startswith(prefix + ".")) and not _has_key(root,
+                                                                                       prefix):
+            return (f" It is a key of the `{package}` package: load this config with "
+                    f"`{package}.config.load_config(...)` (or merge it into "
+                    f"`{package}.config.get_cfg()`), as the tools do.")
+    return None
+
+
 def _unknown_key_error(root: _FvCfgNode, full_key: str, source: str | None) -> ConfigKeyError:
+    elsewhere = _declared_elsewhere(root, full_key)
+    if elsewhere is not None:
+        return ConfigKeyError(f"Unknown config key '{full_key}'{_source_suffix(source)}."
+                              + elsewhere)
     valid = _all_keys(root)
     close = difflib.get_close_matches(full_key, valid, n=3, cutoff=0.6)
     if not close:  # compare the last component within the same parent node
@@ -269,131 +297,13 @@ class CfgNode(_FvCfgNode):
             _merge_dict(self, self, value, "", {}, "command line")
 
 
-def _defaults() -> CfgNode:
-    _C = CfgNode()
-    _C.VERSION = 2
-
-    _C.INPUT = CfgNode()
-    # Fallbacks: detection.modeling.defaults owns these five and overrides them.
-    _C.INPUT.MIN_SIZE_TRAIN = tuple(range(640, 801, 32))
-    _C.INPUT.MAX_SIZE_TRAIN = 1333
-    _C.INPUT.MIN_SIZE_TEST = 800
-    _C.INPUT.MAX_SIZE_TEST = 1333
-    _C.INPUT.RESIZE_MODE = "shortest_edge"
-    # "choice": one of MIN_SIZE_TRAIN per image; "range": uniform in [min, max] of it.
-    _C.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"
-    _C.INPUT.FORMAT = "RGB"  # the format images enter the model in (the model may convert)
-    _C.INPUT.MASK_FORMAT = "polygon"  # "polygon" or "bitmask": how masks are stored in json
-    _C.INPUT.HFLIP_PROB = 0.5
-    _C.INPUT.PHOTOMETRIC = CfgNode()
-    _C.INPUT.PHOTOMETRIC.ENABLED = False
-    _C.INPUT.PHOTOMETRIC.PROB = 0.8
-    _C.INPUT.PHOTOMETRIC.BRIGHTNESS = 0.2
-    _C.INPUT.PHOTOMETRIC.CONTRAST = 0.2
-    _C.INPUT.PHOTOMETRIC.SATURATION = 0.2
-    _C.INPUT.PHOTOMETRIC.HUE = 0.02
-
-    _C.DATASETS = CfgNode()
-    _C.DATASETS.TRAIN = ("coco_2017_train",)
-    _C.DATASETS.TEST = ("coco_2017_val",)
-    # Root of the built-in datasets; "" means env var DETKIT_DATASETS, else ./datasets.
-    _C.DATASETS.ROOT = ""
-
-    _C.DATALOADER = CfgNode()
-    _C.DATALOADER.NUM_WORKERS = 4
-    _C.DATALOADER.ASPECT_RATIO_GROUPING = True
-    _C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
-    # Skip (and count) records whose image file is missing instead of raising.
-    _C.DATALOADER.SKIP_MISSING_IMAGES = False
-    # Check every record before training / evaluation: "fast" (file exists, header readable,
-    # size equals the json's after EXIF), "full" (also decode every image and validate every
-    # segmentation) or "off".
-    _C.DATALOADER.CHECK_DATA = "fast"
-
-    _C.SOLVER = CfgNode()
-    _C.SOLVER.OPTIMIZER = "SGD"  # "SGD" or "AdamW"
-    _C.SOLVER.IMS_PER_BATCH = 16
-    _C.SOLVER.BASE_LR = 0.02
-    _C.SOLVER.BASE_LR_END = 0.0  # the final lr of WarmupCosineLR
-    _C.SOLVER.MOMENTUM = 0.9
-    _C.SOLVER.NESTEROV = False
-    _C.SOLVER.BETAS = (0.9, 0.999)  # AdamW
-    _C.SOLVER.WEIGHT_DECAY = 1e-4
-    _C.SOLVER.WEIGHT_DECAY_NORM = 0.0
-    _C.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"  # or "WarmupCosineLR"
-    _C.SOLVER.MAX_ITER = 90000
-    _C.SOLVER.STEPS = (60000, 80000)
-    _C.SOLVER.GAMMA = 0.1
-    _C.SOLVER.WARMUP_ITERS = 1000
-    _C.SOLVER.WARMUP_FACTOR = 0.001
-    _C.SOLVER.WARMUP_METHOD = "linear"
-    _C.SOLVER.CHECKPOINT_PERIOD = 5000
-    _C.SOLVER.LOG_PERIOD = 20  # iterations between console / metrics.json lines
-    _C.SOLVER.CLIP_GRADIENTS = CfgNode()
-    _C.SOLVER.CLIP_GRADIENTS.ENABLED = False
-    _C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "norm"  # "norm" or "value"
-    _C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
-    _C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
-    _C.SOLVER.AMP = CfgNode()
-    _C.SOLVER.AMP.ENABLED = False
-
-    _C.TEST = CfgNode()
-    _C.TEST.EVAL_PERIOD = 0  # 0 disables periodic evaluation
-    _C.TEST.DETECTIONS_PER_IMAGE = 100
-    # COCO AP engine: "auto" (faster-coco-eval when installed), "pycocotools", "faster_coco_eval"
-    _C.TEST.EVAL_ENGINE = "auto"
-    # Inference runtime of the tools: "torch", "onnxruntime" or "openvino"; and its precision,
-    # "fp32" or "bf16" (convolutions in bf16; boxes, scores and NMS in float32).
-    _C.TEST.RUNTIME = "torch"
-    _C.TEST.PRECISION = "fp32"
-
-    _C.OUTPUT_DIR = "./output"
-    # Seeds the sampler's shuffles and per-sample augmentation; a negative value means
-    # "draw one at start", which the trainer should then record in the saved config.
-    _C.SEED = 0
-    return _C
-
-
-_DEFAULTS = _defaults()
-
-
-def _fill_missing(dst: _FvCfgNode, src: _FvCfgNode) -> None:
-    for k, v in src.items():
-        if k not in dst:
-            dst[k] = v.clone() if isinstance(v, _FvCfgNode) else v
-        elif isinstance(v, _FvCfgNode) and isinstance(dst[k], _FvCfgNode):
-            _fill_missing(dst[k], v)
-
-
-# Functions that add keys of packages above detection (segmentation) to every fresh config;
-# those packages register theirs on import, so detection never imports them.
-CONFIG_EXTENDERS: list[Callable[[CfgNode], Any]] = []
-
-
-def register_config_extender(fn: Callable[[CfgNode], Any]) -> Callable[[CfgNode], Any]:
-    """Have ``get_cfg()`` call ``fn(cfg)`` on every fresh config (once per function)."""
-    if fn not in CONFIG_EXTENDERS:
-        CONFIG_EXTENDERS.append(fn)
-    return fn
-
-
 def get_cfg() -> CfgNode:
-    """A fresh copy of the full defaults tree (data, solver, test and the model's keys), then
-    the keys of every registered config extender."""
-    cfg = _DEFAULTS.clone()
-    try:
-        from detection.modeling.defaults import add_model_config
-    except ImportError as e:
-        # Only tolerate the module itself missing, not a broken import inside it.
-        if e.name not in ("detection.modeling", "detection.modeling.defaults"):
-            raise
-        logger.debug("detection.modeling.defaults not importable; no MODEL defaults")
-    else:
-        add_model_config(cfg)
-        _fill_missing(cfg, _DEFAULTS)  # in case it replaced a whole node
-    for extend in CONFIG_EXTENDERS:
-        extend(cfg)
-    return cfg
+    """A fresh copy of detection's defaults tree (:mod:`detection.defaults`): data, solver,
+    test and model keys. Packages above detection extend it in their own ``get_cfg``
+    (``segmentation.config.get_cfg()``)."""
+    from detection.defaults import detection_defaults
+
+    return detection_defaults()
 
 
 def _configs_dirs() -> list[Path]:
@@ -434,9 +344,11 @@ def resolve_config_path(name: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"Config '{name}' is neither a file nor under {where}.{hint}")
 
 
-def load_config(name: str | os.PathLike | None = None, opts: Iterable[str] = ()) -> CfgNode:
-    """Defaults, then the YAML file ``name`` (resolved), then ``KEY VALUE`` overrides."""
-    cfg = get_cfg()
+def load_config(name: str | os.PathLike | None = None, opts: Iterable[str] = (), *,
+                cfg: CfgNode | None = None) -> CfgNode:
+    """Defaults (``cfg``, else detection's ``get_cfg()``), then the YAML file ``name``
+    (resolved), then ``KEY VALUE`` overrides. Returns the merged config."""
+    cfg = get_cfg() if cfg is None else cfg
     if name is not None:
         cfg.merge_from_file(str(resolve_config_path(name)))
     opts = list(opts)

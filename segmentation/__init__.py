@@ -1,7 +1,13 @@
-"""Segmentation models on top of ``backbones`` and ``detection``; importing a subpackage
-registers its config keys and meta-architectures with the shared tools."""
+"""Segmentation models on top of ``backbones`` and ``detection``.
 
-from . import (
-    mask_rcnn,  # noqa: F401  (registers MaskRCNN and MODEL.MASK_ON / ROI_MASK_HEAD.*)
-    semantic,  # noqa: F401  (registers SemanticSegmentor and MODEL.SEM_SEG_HEAD.*)
-)
+- ``segmentation.config``: the config (detection's keys and segmentation's); load a
+  segmentation config with ``segmentation.config.load_config``.
+- ``segmentation.mask_rcnn`` and ``segmentation.semantic``: the models; each declares its model
+  family (builder, weights, mapper, evaluator) in its ``family.py``, which registers it in
+  detection's family table (:mod:`detection.families`) when imported.
+"""
+
+from . import config, mask_rcnn, semantic
+from .predictor import load_model
+
+__all__ = ["config", "load_model", "mask_rcnn", "semantic"]

@@ -18,12 +18,12 @@ from pathlib import Path
 
 from PIL import Image
 
-import segmentation  # noqa: F401  (registers segmentation config keys and models)
 from detection.data.image_io import read_image
 from detection.deploy import PRECISIONS, RUNTIMES
 from detection.deploy.loading import load_for_inference
 from detection.modeling.predictor import predict
 from detection.visualization import draw_instances
+from segmentation.config import get_cfg  # the full tree; registers segmentation's models
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     model, _ = load_for_inference(args.config, args.weights, runtime=args.runtime,
-                                  precision=args.precision)
+                                  precision=args.precision, cfg=get_cfg())
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in list_images(args.input, args.limit):

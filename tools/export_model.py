@@ -18,10 +18,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import segmentation  # noqa: F401  (registers segmentation config keys and models)
 from detection.deploy import FORMATS, check_export, export_model
-from detection.engine import runner
+from detection.engine.loading import inference_config
 from detection.modeling.predictor import load_model
+from segmentation.config import get_cfg  # the full tree; registers segmentation's models
 
 
 def main(argv=None) -> int:
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
                         help="skip running the export against the eager model")
     args = parser.parse_args(argv)
 
-    cfg = runner.inference_config(args.config, args.weights)
+    cfg = inference_config(args.config, args.weights, cfg=get_cfg())
     model = load_model(cfg, args.weights, optimize=False)
     info = export_model(model, args.output, args.format, trace_size=tuple(args.trace_size),
                         source={"weights": args.weights, "config": args.config or ""})

@@ -21,12 +21,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import segmentation  # noqa: F401  (registers segmentation config keys and models)
 from detection.data.image_io import read_image
 from detection.deploy import PRECISIONS, RUNTIMES
 from detection.deploy.loading import load_for_inference
 from detection.evaluation.coco_evaluation import detections_to_coco_results, write_coco_submission
 from detection.modeling.predictor import predict
+from segmentation.config import get_cfg  # the full tree; registers segmentation's models
 
 
 def images_from_info(info_json: Path, image_root: Path):
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     model, _ = load_for_inference(args.config, args.weights, runtime=args.runtime,
-                                  precision=args.precision)
+                                  precision=args.precision, cfg=get_cfg())
     if args.image_info is not None:
         root = args.image_root or args.image_info.parent
         images = images_from_info(args.image_info, root)

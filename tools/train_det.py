@@ -14,11 +14,18 @@ the config.
 
 import argparse
 import sys
+from pathlib import Path
 
-import segmentation  # noqa: F401  (registers segmentation models)
-from detection.config import load_config
 from detection.engine import distributed as du
-from detection.engine import runner
+from detection.engine.evaluation import evaluate
+from detection.engine.loading import attach_dataset_metadata, build_model_from_cfg, load_weights
+from detection.engine.result_tables import format_ap_table
+from detection.engine.run_setup import setup_logging
+from detection.engine.train_net import train
+
+# The full config tree (detection's keys and segmentation's); importing segmentation registers
+# its model families (Mask R-CNN, semantic) beside detection's Faster R-CNN.
+from segmentation.config import load_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,18 +49,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     du.init_distributed()
     cfg = load_config(args.config, args.opts)
-    from pathlib import Path
-
-    runner.setup_logging(Path(cfg.OUTPUT_DIR))
+    setup_logging(Path(cfg.OUTPUT_DIR))
     if args.eval_only:
-        runner.attach_dataset_metadata(cfg)
-        model = runner.build_model_from_cfg(cfg)
-        runner.load_weights(model, cfg.MODEL.WEIGHTS)
-        results = runner.evaluate(cfg, model)
+        attach_dataset_metadata(cfg)
+        model = build_model_from_cfg(cfg)
+        load_weights(model, cfg.MODEL.WEIGHTS)
+        results = evaluate(cfg, model)
     else:
-        _, results = runner.train(cfg, resume=args.resume)
+        _, results = train(cfg, resume=args.resume)  # detection/engine/train_net.py
     if du.is_main_process() and results:
-        print(runner.format_ap_table(results))
+        print(format_ap_table(results))
     return 0
 
 

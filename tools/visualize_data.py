@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from detection.config import load_config
 from detection.data.catalog import DatasetCatalog, get_metadata
 from detection.data.image_io import read_image
 from detection.data.mapper import DatasetMapper, MapDataset, annotation_to_mask
 from detection.visualization import draw_instances
+from segmentation.config import load_config
 
 
 def main(argv=None) -> int:

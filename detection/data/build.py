@@ -1,18 +1,29 @@
-"""Data loaders from the config: the training stream and the per-dataset test loader."""
+"""Data loaders from the config: the training stream and the per-dataset test loader.
+
+Both check their records first as ``cfg.DATALOADER.CHECK_DATA`` says ("fast", "full", "off";
+see :mod:`detection.data.check`): unusable records are left out, and the log says how many and
+why, or, with ``DATALOADER.SKIP_MISSING_IMAGES`` False, :class:`~detection.data.check.
+DataCheckError` stops the run with the table of problems. A check is done once per process for
+the same records and mode (periodic evaluation does not repeat it); under torch.distributed,
+rank 0 checks and the others receive its report, so every rank keeps the same records.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import random
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from detection.data.catalog import DatasetCatalog, set_datasets_root
+from detection.data.catalog import DatasetCatalog, get_metadata, set_datasets_root
+from detection.data.check import MODES, DataCheckError, apply_report, check_records
 from detection.data.coco import filter_images_without_annotations
-from detection.data.mapper import DatasetMapper, MapDataset
+from detection.data.mapper import DatasetMapper, MapDataset, UnreadableImage
+from detection.data.report import DataReport
 from detection.data.samplers import (
     GroupedBatchSampler,
     InferenceSampler,
@@ -21,9 +32,12 @@ from detection.data.samplers import (
 )
 
 __all__ = [
+    "Batch",
     "build_test_loader",
+    "checked_records",
     "build_train_loader",
     "get_dataset_records",
+    "eval_batch_collator",
     "trivial_batch_collator",
 ]
 
@@ -33,6 +47,104 @@ logger = logging.getLogger(__name__)
 def trivial_batch_collator(batch: list) -> list:
     """A batch is the list of mapped dicts; None (skipped unreadable images) is dropped."""
     return [b for b in batch if b is not None]
+
+
+class Batch(list):
+    """A test batch: the list of mapped dicts, plus the images dropped from it.
+
+    ``unreadable`` holds the file names the mapper could not use (with
+    ``DATALOADER.SKIP_MISSING_IMAGES``) and ``num_unreadable`` their number; an evaluation
+    loop counts them and skips a batch that is empty. Otherwise a plain list.
+    """
+
+    def __init__(self, items: Sequence = (), unreadable: Sequence[str] = ()) -> None:
+        super().__init__(items)
+        self.unreadable: list[str] = list(unreadable)
+
+    @property
+    def num_unreadable(self) -> int:
+        return len(self.unreadable)
+
+
+def eval_batch_collator(batch: list) -> Batch:
+    """The test loader's collate: usable items in a :class:`Batch`; unusable ones counted."""
+    items = [b for b in batch if b is not None and not isinstance(b, UnreadableImage)]
+    gone = [b.file_name if isinstance(b, UnreadableImage) else "?" for b in batch
+            if b is None or isinstance(b, UnreadableImage)]
+    return Batch(items, gone)
+
+
+_CHECKED: dict[tuple, DataReport] = {}
+
+
+def _on_rank0(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0, its result broadcast to the other ranks (or just ``fn()``)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    box = [fn() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _check_mode(cfg: Any, mode: str | None) -> str:
+    mode = str(cfg.DATALOADER.CHECK_DATA if mode is None else mode).lower()
+    if mode not in MODES:
+        raise ValueError(f"DATALOADER.CHECK_DATA must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def check_report(cfg: Any, records: list[dict], names: Sequence[str] = (), *,
+                 mode: str | None = None, progress: bool = True) -> DataReport:
+    """The data check's report on ``records`` (mode: ``cfg.DATALOADER.CHECK_DATA`` unless
+    given; "fast" or "full"). ``names`` are the datasets the records come from: the
+    annotations their json loader skipped are added. Cached per process; shared by rank 0."""
+    mode = _check_mode(cfg, mode)
+    model = cfg.get("MODEL", None)
+    mask_on = bool(model.get("MASK_ON", False)) if model is not None else False
+    name = ",".join(names) if names else "the given records"
+    key = (name, mode, mask_on, hash(tuple(
+        (r.get("file_name"), r.get("height"), r.get("width"), len(r.get("annotations") or ()))
+        for r in records)))
+    if key in _CHECKED:
+        return _CHECKED[key]
+    skipped: dict[str, list] = {}
+    for n in names:
+        for kind, ids in get_metadata(n).get("load_problem_ids", {}).items():
+            skipped.setdefault(kind, []).extend(ids)
+    show = progress and dist_rank_world()[0] == 0
+    report = _on_rank0(lambda: check_records(
+        records, mode=mode, mask_on=mask_on, name=name, progress=show,
+        workers=min(8, os.cpu_count() or 1), load_problems=skipped))
+    if len(_CHECKED) > 16:
+        _CHECKED.clear()
+    _CHECKED[key] = report
+    return report
+
+
+def check_datasets(cfg: Any, names: Sequence[str], *, mode: str | None = None
+                   ) -> dict[str, DataReport]:
+    """Load and check each named dataset (tools/check_data.py); one report per name."""
+    if cfg.DATASETS.ROOT:
+        set_datasets_root(cfg.DATASETS.ROOT)
+    return {n: check_report(cfg, get_dataset_records(n, filter_empty=False), [n], mode=mode)
+            for n in names}
+
+
+def checked_records(cfg: Any, records: list[dict], names: Sequence[str] = (), *,
+                    mode: str | None = None) -> list[dict]:
+    """``records`` after the data check ``cfg.DATALOADER.CHECK_DATA`` (module doc): the usable
+    ones, or DataCheckError with the table when some are unusable and skipping is off."""
+    if _check_mode(cfg, mode) == "off":
+        return records
+    report = check_report(cfg, records, names, mode=mode)
+    name = report.name
+    kept = apply_report(records, report, skip=bool(cfg.DATALOADER.SKIP_MISSING_IMAGES),
+                        log=logger)
+    if not kept:
+        raise DataCheckError(f"No usable records left in {name} after the data check:\n"
+                             f"{report.table()}")
+    return kept
 
 
 def get_dataset_records(names: str | tuple[str, ...] | list[str], *, filter_empty: bool) -> list:
@@ -79,9 +191,14 @@ def build_train_loader(
     if cfg.DATASETS.ROOT:
         set_datasets_root(cfg.DATASETS.ROOT)
     if records is None:
-        records = get_dataset_records(
-            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-        )
+        names = list(cfg.DATASETS.TRAIN)
+        records = checked_records(cfg, get_dataset_records(names, filter_empty=False), names)
+        if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+            records = filter_images_without_annotations(records)
+            if not records:
+                raise ValueError(f"No images with annotations in {names}")
+    else:
+        records = checked_records(cfg, records)
     mapper = mapper or DatasetMapper.from_config(cfg, is_train=True)
     seed = int(cfg.SEED if seed is None else seed)
     rank, world = dist_rank_world()
@@ -120,16 +237,27 @@ def build_test_loader(
     mapper: DatasetMapper | None = None,
     batch_size: int = 1,
 ) -> DataLoader:
-    """This rank's disjoint shard of ``dataset_name`` in order, un-augmented (is_train=False)."""
+    """This rank's disjoint shard of ``dataset_name`` in order, un-augmented (is_train=False).
+
+    Batches are :class:`Batch` lists: images the mapper could not read are dropped from them
+    and named in ``batch.unreadable``. ``loader.left_out`` names the records the data check
+    left out before (the log has said why).
+    """
     if cfg.DATASETS.ROOT:
         set_datasets_root(cfg.DATASETS.ROOT)
-    records = get_dataset_records(dataset_name, filter_empty=False)
+    all_records = get_dataset_records(dataset_name, filter_empty=False)
+    records = checked_records(cfg, all_records, [dataset_name])
     mapper = mapper or DatasetMapper.from_config(cfg, is_train=False)
     sampler = InferenceSampler(len(records))
-    return DataLoader(
+    loader = DataLoader(
         MapDataset(records, mapper),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=int(cfg.DATALOADER.NUM_WORKERS),
-        collate_fn=trivial_batch_collator,
+        collate_fn=eval_batch_collator,
     )
+    loader.left_out = []  # file names of the records the check left out
+    if len(records) < len(all_records):
+        report = check_report(cfg, all_records, [dataset_name])  # cached: no second check
+        loader.left_out = [all_records[i]["file_name"] for i in sorted(report.unusable)]
+    return loader

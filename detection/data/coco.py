@@ -28,9 +28,18 @@ each kind):
 
 - category id not among the json's categories: skipped and counted (``unknown_category="skip"``,
   the default) or an error naming the annotation id (``unknown_category="error"``);
-- box of zero or negative width/height, or not finite, or missing: skipped and counted;
+- box of zero or negative width/height (or under ``MIN_BOX_SIZE``, 0.01 px, which float32
+  coordinates cannot hold apart), or not finite, or missing: skipped and counted;
 - box partly outside the image: clipped to it (counted as ``clipped``);
 - box entirely outside the image: skipped and counted.
+
+The metadata's ``load_problem_ids`` lists, per reason, the ids of those annotations (for the
+data check's report).
+
+A field of the wrong type (an image without ``id``, a ``height`` that is not a positive integer,
+an annotation that is not an object, an ``iscrowd`` that is not 0/1, ...) is refused with
+:class:`CocoFormatError` (a :class:`~detection.data.errors.DatasetError`) naming the json, the
+entry (``images[3]``, ``annotations[12] (id 40)``) and the field.
 """
 
 from __future__ import annotations
@@ -42,7 +51,10 @@ import os
 from collections import Counter
 from typing import Any
 
+from detection.data.errors import DatasetError
+
 __all__ = [
+    "MIN_BOX_SIZE",
     "CocoFormatError",
     "filter_images_without_annotations",
     "load_coco_json",
@@ -52,8 +64,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Boxes narrower or lower than this (pixels) are degenerate: in float32 (the model's and
+# albumentations' precision) their sides could coincide.
+MIN_BOX_SIZE = 1e-2
 
-class CocoFormatError(ValueError):
+
+class CocoFormatError(DatasetError):
     """A COCO json that cannot be read. The message names the file."""
 
 
@@ -71,15 +87,44 @@ def read_coco_json(json_file: str | os.PathLike) -> dict:
         ) from e
     except UnicodeDecodeError as e:
         raise CocoFormatError(f"COCO json {json_file} is not UTF-8 text: {e}") from e
-    if not isinstance(data, dict) or "images" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise CocoFormatError(f"{json_file} is not a COCO json: no top-level 'images' list")
+    for key in ("annotations", "categories"):
+        if not isinstance(data.get(key, []), list):
+            raise CocoFormatError(
+                f"{json_file}: top-level '{key}' is a {type(data[key]).__name__}, not a list")
     return data
+
+
+def _as_int(value: Any) -> int | None:
+    """``value`` as an int when it is an integer (or an integral float), else None."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _field_int(entry: dict, key: str, where: str, *, positive: bool = False) -> int:
+    """``entry[key]`` as an int, or CocoFormatError naming ``where`` and the field."""
+    value = _as_int(entry[key])
+    if value is None or (positive and value <= 0):
+        kind = "a positive integer" if positive else "an integer"
+        raise CocoFormatError(f"{where}: field '{key}' is {entry[key]!r}, not {kind}")
+    return value
 
 
 def metadata_from_categories(categories: list[dict]) -> dict[str, Any]:
     """thing_classes and the id maps from a COCO ``categories`` list (ordered by id)."""
-    cats = sorted(categories, key=lambda c: c["id"])
-    ids = [int(c["id"]) for c in cats]
+    for k, c in enumerate(categories):
+        if not isinstance(c, dict) or "id" not in c:
+            raise CocoFormatError(f"categories[{k}] is not an object with an 'id': {c!r:.80}")
+        if _as_int(c["id"]) is None:
+            raise CocoFormatError(f"categories[{k}]: field 'id' is {c['id']!r}, not an integer")
+    cats = sorted(categories, key=lambda c: _as_int(c["id"]))
+    ids = [_as_int(c["id"]) for c in cats]
     if len(set(ids)) != len(ids):
         dup = [i for i, n in Counter(ids).items() if n > 1]
         raise CocoFormatError(f"Duplicate category ids {dup}")
@@ -100,12 +145,12 @@ def _convert_box(bbox: Any, width: int, height: int) -> tuple[list[float] | None
         return None, "invalid_box"
     if not all(math.isfinite(v) for v in (x, y, w, h)):
         return None, "invalid_box"
-    if w <= 0 or h <= 0:
+    if w < MIN_BOX_SIZE or h < MIN_BOX_SIZE:
         return None, "degenerate_box"
     x0, y0, x1, y1 = x, y, x + w, y + h
     c0, c1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
     d0, d1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
-    if c1 - c0 <= 0 or d1 - d0 <= 0:
+    if c1 - c0 < MIN_BOX_SIZE or d1 - d0 < MIN_BOX_SIZE:
         return None, "outside_image"
     reason = "clipped" if (c0, d0, c1, d1) != (x0, y0, x1, y1) else None
     return [c0, d0, c1, d1], reason
@@ -131,36 +176,49 @@ def load_coco_json(
     id_map = meta["thing_dataset_id_to_contiguous_id"]
 
     records: dict[int, dict] = {}
-    for img in data["images"]:
-        try:
-            image_id = int(img["id"])
-            file_name = img["file_name"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise CocoFormatError(f"{json_file}: image entry without id/file_name: {img!r}") from e
+    for k, img in enumerate(data["images"]):
+        where = f"{json_file}: images[{k}]"
+        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
+            raise CocoFormatError(f"{where} is not an object with 'id' and 'file_name': "
+                                  f"{img!r:.80}")
+        image_id = _field_int(img, "id", where)
+        file_name = img["file_name"]
+        if not isinstance(file_name, str) or not file_name or "\0" in file_name:
+            raise CocoFormatError(f"{where}: field 'file_name' is {file_name!r}, not a path")
         if image_id in records:
             raise CocoFormatError(f"{json_file}: duplicate image id {image_id}")
         records[image_id] = {
             "file_name": os.path.join(image_root, file_name),
-            "height": int(img["height"]) if "height" in img else None,
-            "width": int(img["width"]) if "width" in img else None,
+            "height": _field_int(img, "height", where, positive=True) if "height" in img else None,
+            "width": _field_int(img, "width", where, positive=True) if "width" in img else None,
             "image_id": image_id,
             "annotations": [],
         }
 
     stats: Counter[str] = Counter()
     examples: dict[str, list] = {}
-    for ann in data.get("annotations", []):
+    for k, ann in enumerate(data.get("annotations", [])):
+        if not isinstance(ann, dict):
+            raise CocoFormatError(f"{json_file}: annotations[{k}] is a {type(ann).__name__}, "
+                                  "not an object")
         ann_id = ann.get("id")
-        rec = records.get(ann.get("image_id"))
+        where = f"{json_file}: annotations[{k}] (id {ann_id!r:.40})"
+        if ann_id is not None and not isinstance(ann_id, str) and _as_int(ann_id) is None:
+            raise CocoFormatError(f"{where}: field 'id' is not an integer or a string")
+        if "image_id" not in ann or _as_int(ann["image_id"]) is None:
+            raise CocoFormatError(f"{where}: field 'image_id' is {ann.get('image_id')!r:.40}, "
+                                  "not an integer")
+        rec = records.get(_as_int(ann["image_id"]))
         if rec is None:
             stats["unknown_image"] += 1
             examples.setdefault("unknown_image", []).append(ann_id)
             continue
-        cat = ann.get("category_id")
+        cat = _as_int(ann.get("category_id"))
         if cat not in id_map:
             if unknown_category == "error":
                 raise CocoFormatError(
-                    f"{json_file}: annotation id {ann_id} has category_id {cat!r}, "
+                    f"{json_file}: annotation id {ann_id} has category_id "
+                    f"{ann.get('category_id')!r:.40}, "
                     f"not among the categories {sorted(id_map)}"
                 )
             stats["unknown_category"] += 1
@@ -175,15 +233,17 @@ def load_coco_json(
             examples.setdefault(reason, []).append(ann_id)
         if box is None:
             continue
-        out = {
-            "bbox": box,
-            "category_id": id_map[cat],
-            "iscrowd": int(ann.get("iscrowd", 0)),
-        }
+        iscrowd = _as_int(ann.get("iscrowd", 0))
+        if iscrowd not in (0, 1):
+            raise CocoFormatError(f"{where}: field 'iscrowd' is {ann['iscrowd']!r:.40}, not 0/1")
+        out = {"bbox": box, "category_id": id_map[cat], "iscrowd": iscrowd}
         if "segmentation" in ann:
             out["segmentation"] = ann["segmentation"]
         if "area" in ann:
-            out["area"] = float(ann["area"])
+            area = ann["area"]
+            if isinstance(area, bool) or not isinstance(area, (int, float)):
+                raise CocoFormatError(f"{where}: field 'area' is {area!r:.40}, not a number")
+            out["area"] = float(area)
         if ann_id is not None:
             out["id"] = ann_id
         rec["annotations"].append(out)
@@ -204,6 +264,7 @@ def load_coco_json(
         image_root=image_root,
         evaluator_type="coco",
         load_stats=dict(stats),
+        load_problem_ids=examples,
     )
     if dataset_name is not None:
         meta["name"] = dataset_name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -65,22 +66,51 @@ def read_image(path: str | os.PathLike, *, exif_transpose: bool = True) -> np.nd
             return _to_rgb(img)
     except UnidentifiedImageError as e:
         raise ImageReadError(f"Not a readable image (corrupt or unknown format): {path}") from e
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"Cannot decode image {path} (truncated or corrupt): {e}") from e
 
 
+def _png_exif(path: str) -> bytes | None:
+    """The eXIf chunk of a PNG found by walking its chunks (image data skipped, not read)."""
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"eXIf":
+                return b"Exif\x00\x00" + f.read(length)
+            if kind == b"IEND":
+                return None
+            f.seek(length + 4, os.SEEK_CUR)  # data and CRC
+
+
+def _orientation(img: Image.Image, path: str) -> int:
+    """The EXIF orientation tag (1 when absent), read without decoding the pixels."""
+    if img.format == "PNG" and "exif" not in img.info:
+        # PIL's PNG getexif() decodes the whole image to look for an eXIf chunk after the data
+        data = _png_exif(path)
+        if data is None:
+            return 1
+        exif = Image.Exif()
+        exif.load(data)
+        return int(exif.get(0x0112, 1))
+    return int(img.getexif().get(0x0112, 1))
+
+
 def image_size(path: str | os.PathLike, *, exif_transpose: bool = True) -> tuple[int, int]:
-    """(height, width) of the image as :func:`read_image` would return it, without decoding."""
+    """(height, width) of the image as :func:`read_image` would return it, without decoding
+    (the header, and for a PNG its chunk list)."""
     path = os.fspath(path)
     try:
         with Image.open(path) as img:
             w, h = img.size
-            if exif_transpose:
-                orientation = img.getexif().get(0x0112, 1)
-                if orientation in (5, 6, 7, 8):
-                    w, h = h, w
+            if exif_transpose and _orientation(img, path) in (5, 6, 7, 8):
+                w, h = h, w
             return h, w
     except FileNotFoundError as e:
         raise ImageReadError(f"Image file not found: {path}") from e
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError) as e:
         raise ImageReadError(f"Not a readable image: {path}: {e}") from e

@@ -21,20 +21,27 @@ it from ``(seed, epoch, index)``, which is what makes resumed training repeat it
 from __future__ import annotations
 
 import logging
-import warnings
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import albumentations as A
 import numpy as np
 import torch
-from pycocotools import mask as mask_util
 
+from detection.data.annotations import (
+    InvalidSegmentationError,
+    annotation_box_label,
+    annotation_to_mask,
+)
+from detection.data.coco import MIN_BOX_SIZE
+from detection.data.errors import ImageSizeError, InvalidAnnotationError
 from detection.data.image_io import ImageReadError, read_image
 
 __all__ = [
     "DatasetMapper",
     "InvalidSegmentationError",
     "MapDataset",
+    "UnreadableImage",
     "annotation_to_mask",
     "resize_scale",
 ]
@@ -48,44 +55,6 @@ def resize_scale(height: int, width: int, short_edge: float, max_size: float) ->
     if max(height, width) * scale > max_size:
         scale = max_size / max(height, width)
     return scale
-
-
-class InvalidSegmentationError(ValueError):
-    """A COCO segmentation that cannot become a mask (degenerate polygon, RLE of another size)."""
-
-
-def annotation_to_mask(segmentation: Any, height: int, width: int, *,
-                       ann_id: Any = None) -> np.ndarray:
-    """A COCO segmentation (polygons, RLE with str/bytes counts, or uncompressed RLE) -> uint8
-    (height, width) mask. Raises :class:`InvalidSegmentationError`, naming ``ann_id``, for a
-    polygon of fewer than 3 points (6 numbers) or an odd count, and for an RLE whose size
-    differs from the image's."""
-    where = f"annotation {ann_id}" if ann_id is not None else "annotation"
-    if isinstance(segmentation, list):
-        if not segmentation:
-            raise InvalidSegmentationError(f"{where}: empty polygon list")
-        for k, p in enumerate(segmentation):
-            if len(p) < 6 or len(p) % 2:
-                raise InvalidSegmentationError(
-                    f"{where}: polygon {k} has {len(p)} coordinates; a polygon needs at least "
-                    "3 points (6 numbers), as x, y pairs")
-        rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation, dict):
-        size = segmentation.get("size")
-        if size is None or tuple(int(v) for v in size) != (height, width):
-            raise InvalidSegmentationError(
-                f"{where}: RLE size {size} does not match its image's (height, width) "
-                f"{(height, width)}")
-        if isinstance(segmentation.get("counts"), list):
-            rle = mask_util.frPyObjects(segmentation, height, width)
-        else:
-            rle = segmentation
-    else:
-        raise InvalidSegmentationError(
-            f"{where}: unsupported segmentation type {type(segmentation).__name__}")
-    with warnings.catch_warnings():  # pycocotools' numpy-2 copy= DeprecationWarning
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return np.ascontiguousarray(mask_util.decode(rle), dtype=np.uint8)
 
 
 class DatasetMapper:
@@ -124,8 +93,29 @@ class DatasetMapper:
         self.mask_on = mask_on
         self.skip_missing_images = skip_missing_images
         self.resize = resize
-        self.num_skipped_images = 0
+        # file name -> why it cannot be used; each image is counted (and warned about) once
+        self.unreadable: dict[str, str] = {}
         self.num_skipped_instances = 0  # with mask_on: degenerate polygons (warned, not trained)
+
+    @property
+    def num_skipped_images(self) -> int:
+        """Distinct images skipped so far by this mapper (in this process)."""
+        return len(self.unreadable)
+
+    def _load(self, record: dict) -> np.ndarray:
+        """The record's image; ImageReadError / ImageSizeError (naming file and id) otherwise."""
+        where = f"(record image_id={record.get('image_id')})"
+        try:
+            image = read_image(record["file_name"])
+        except ImageReadError as e:
+            raise ImageReadError(f"{e} {where}") from e
+        h, w = image.shape[:2]
+        rh, rw = record.get("height"), record.get("width")
+        if (rh is not None and rh != h) or (rw is not None and rw != w):
+            raise ImageSizeError(
+                f"Image {record['file_name']} {where} is {h}x{w} (height x width, after EXIF "
+                f"orientation) but its record says {rh}x{rw}")
+        return image
 
     @classmethod
     def from_config(cls, cfg: Any, is_train: bool) -> DatasetMapper:
@@ -180,27 +170,26 @@ class DatasetMapper:
     def __call__(
         self, record: dict, rng: np.random.Generator | None = None
     ) -> dict[str, Any] | None:
-        """Map one record. Returns None only for an unreadable image with skip_missing_images."""
+        """Map one record. Returns None only for an unusable image (unreadable, or not the
+        record's size) with skip_missing_images; without, ImageReadError / ImageSizeError.
+        A malformed annotation field raises InvalidAnnotationError naming it."""
+        file_name = record.get("file_name")
+        if not isinstance(file_name, str):
+            raise InvalidAnnotationError(
+                f"record image_id={record.get('image_id')}: field 'file_name' is "
+                f"{file_name!r:.60}, not a path")
+        if file_name in self.unreadable:  # known bad: skipped again without a second count
+            return None
         try:
-            image = read_image(record["file_name"])
-        except ImageReadError as e:
-            if self.skip_missing_images:
-                self.num_skipped_images += 1
-                logger.warning(
-                    "Skipping image_id %s (%d skipped so far): %s",
-                    record.get("image_id"),
-                    self.num_skipped_images,
-                    e,
-                )
-                return None
-            raise ImageReadError(f"{e} (record image_id={record.get('image_id')})") from e
+            image = self._load(record)
+        except (ImageReadError, ImageSizeError) as e:
+            if not self.skip_missing_images:
+                raise
+            self.unreadable[file_name] = str(e)
+            logger.warning("Skipping image_id %s (%d distinct images skipped so far): %s",
+                           record.get("image_id"), self.num_skipped_images, e)
+            return None
         h, w = image.shape[:2]
-        rh, rw = record.get("height"), record.get("width")
-        if (rh is not None and rh != h) or (rw is not None and rw != w):
-            raise ValueError(
-                f"Image {record['file_name']} (image_id={record.get('image_id')}) is {h}x{w} "
-                f"but its record says {rh}x{rw}"
-            )
         out: dict[str, Any] = {
             "height": h,
             "width": w,
@@ -212,16 +201,26 @@ class DatasetMapper:
             return out
 
         rng = rng if rng is not None else np.random.default_rng()
-        anns = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+        where = f"{file_name} (image_id={record.get('image_id')})"
+        anns = record.get("annotations", [])
+        if not isinstance(anns, list):
+            raise InvalidAnnotationError(f"{where}: field 'annotations' is not a list")
+        checked = [annotation_box_label(a, where) for a in anns]
+        anns = [dict(a, bbox=b, category_id=c) for a, (b, c) in zip(anns, checked)
+                if not a.get("iscrowd", 0)]
         masks: dict[int, np.ndarray] = {}
         if self.mask_on:  # decode first: an instance without a usable mask is skipped
             valid = []
             for a in anns:
                 try:
+                    if "segmentation" not in a:
+                        raise InvalidSegmentationError(
+                            f"{where}: annotation {a.get('id')} has no 'segmentation' "
+                            "(MASK_ON needs one per instance)")
                     masks[len(valid)] = annotation_to_mask(a["segmentation"], h, w,
                                                            ann_id=a.get("id"))
                 except InvalidSegmentationError as e:
-                    if not isinstance(a["segmentation"], list):  # a wrong RLE: the data is bad
+                    if not isinstance(a.get("segmentation"), list):  # a wrong RLE: bad data
                         raise
                     self.num_skipped_instances += 1
                     logger.warning("Skipping an instance of image_id %s (%d skipped so far): %s",
@@ -231,10 +230,10 @@ class DatasetMapper:
             anns = valid
         boxes, labels, keep = [], [], []
         for i, a in enumerate(anns):  # albumentations raises on invalid boxes: clean first
-            x0, y0, x1, y1 = (float(v) for v in a["bbox"])
+            x0, y0, x1, y1 = a["bbox"]
             x0, x1 = min(max(x0, 0.0), w), min(max(x1, 0.0), w)
             y0, y1 = min(max(y0, 0.0), h), min(max(y1, 0.0), h)
-            if x1 - x0 > 0 and y1 - y0 > 0:
+            if x1 - x0 >= MIN_BOX_SIZE and y1 - y0 >= MIN_BOX_SIZE:
                 boxes.append([x0, y0, x1, y1])
                 labels.append(int(a["category_id"]))
                 keep.append(i)
@@ -269,13 +268,23 @@ class DatasetMapper:
         return out
 
 
+@dataclass(frozen=True)
+class UnreadableImage:
+    """What :class:`MapDataset` yields in evaluation for an image the mapper skipped."""
+
+    file_name: str
+    image_id: Any
+    reason: str
+
+
 class MapDataset(torch.utils.data.Dataset):
     """Records + mapper, with per-sample randomness from ``(seed, epoch, index)``.
 
     Keys are an int index, or ``(index, epoch)`` as :class:`~detection.data.samplers.
-    TrainingSampler` yields them. With ``skip_missing_images`` an unreadable image is replaced
-    by another record chosen deterministically (training) or the item is None (evaluation;
-    the collate function drops it).
+    TrainingSampler` yields them. With ``skip_missing_images`` an unusable image is replaced
+    by another record chosen deterministically (training) or the item is an
+    :class:`UnreadableImage` (evaluation; the test loader's collate function drops it and
+    counts it in the batch's ``num_unreadable``).
     """
 
     def __init__(self, records: list[dict], mapper: DatasetMapper, *, seed: int = 0) -> None:
@@ -290,11 +299,16 @@ class MapDataset(torch.utils.data.Dataset):
         """The generator the mapper gets for sample ``index`` in ``epoch``."""
         return np.random.default_rng([self.seed & 0xFFFFFFFF, int(epoch), int(index)])
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | UnreadableImage:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        out = self.mapper(self.records[index], self.rng_for(index, epoch))
-        if out is not None or not self.mapper.is_train:
+        record = self.records[index]
+        out = self.mapper(record, self.rng_for(index, epoch))
+        if out is not None:
             return out
+        if not self.mapper.is_train:
+            name = record["file_name"]
+            reason = getattr(self.mapper, "unreadable", {}).get(name, "unreadable")
+            return UnreadableImage(name, record.get("image_id"), reason)
         retry = np.random.default_rng([self.seed & 0xFFFFFFFF, int(epoch), int(index), 1])
         for _ in range(10):
             other = int(retry.integers(len(self.records)))

@@ -10,19 +10,21 @@ def is_export_dir(path: str) -> bool:
 
 
 def load_for_inference(config: Optional[str], weights: str, *, runtime: Optional[str] = None,
-                       precision: Optional[str] = None) -> Tuple[Any, Optional[Any]]:
+                       precision: Optional[str] = None,
+                       cfg: Optional[Any] = None) -> Tuple[Any, Optional[Any]]:
     """-> (model, config). ``weights`` may be a directory written by
     ``tools/export_model.py`` (then the config is None and the runtime defaults to the
     export's own); otherwise ``config`` (a name or path, default: the one stored in the
     checkpoint) decides, and ``runtime`` / ``precision`` default to its ``TEST.RUNTIME`` /
-    ``TEST.PRECISION``."""
-    from detection.engine.runner import inference_config
+    ``TEST.PRECISION``. ``cfg`` is the defaults tree to merge into (segmentation's for its
+    models)."""
+    from detection.engine.loading import inference_config
     from detection.modeling.predictor import load_model
 
     if is_export_dir(weights):
         return load_model(weights, runtime=runtime or "torch",
                           precision=precision or "fp32"), None
-    cfg = inference_config(config, weights)
+    cfg = inference_config(config, weights, cfg=cfg)
     model = load_model(cfg, weights, runtime=runtime or cfg.TEST.RUNTIME,
                        precision=precision or cfg.TEST.PRECISION)
     return model, cfg

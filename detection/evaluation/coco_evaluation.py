@@ -263,21 +263,21 @@ class COCOEvaluator:
         preds = self._gather()
         if preds is None:
             return {}
-        if not preds:
-            logger.warning("COCOEvaluator: no images were processed")
-            return {}
         results = [r for p in preds for r in p["results"]]
         img_ids = sorted(p["image_id"] for p in preds)
         unknown = set(img_ids) - set(self.coco_gt.getImgIds())
         if unknown:
             raise ValueError(f"image ids not in the ground truth: {sorted(unknown)[:10]}")
-        if self.output_dir is not None:
+        if self.output_dir is not None:  # written even when no image could be read
             self.output_dir.mkdir(parents=True, exist_ok=True)
             path = self.output_dir / "coco_instances_results.json"
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(results))
             os.replace(tmp, path)
             logger.info("Wrote %d detections to %s", len(results), path)
+        if not preds:
+            logger.warning("COCOEvaluator: no images were processed; no AP to report")
+            return {}
         return {task: self._evaluate_task(task, results, img_ids) for task in self.tasks}
 
     def _faster_gt(self) -> Any:

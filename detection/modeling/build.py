@@ -1,6 +1,7 @@
 """Building a detector from a config: the only place that reads ``cfg.MODEL``."""
 
-from typing import Dict, Optional
+import inspect
+from typing import Any, Dict, List, Optional, Tuple
 
 from fvcore.common.config import CfgNode
 from torch import nn
@@ -26,35 +27,88 @@ def _norm(name: str) -> str:
     return name if name else "none"
 
 
-def _resnet(cfg: CfgNode, out_features) -> backbones.ResNet:
-    r = cfg.MODEL.RESNETS
-    arch = {50: "resnet50", 101: "resnet101", 152: "resnet152"}.get(r.DEPTH)
-    if r.DEPTH in (18, 34):
-        arch = f"resnet{r.DEPTH}"
-    if arch is None:
-        raise ValueError(f"MODEL.RESNETS.DEPTH must be 18, 34, 50, 101 or 152, got {r.DEPTH}")
-    kwargs = {}
-    if r.NUM_GROUPS != 1 or r.WIDTH_PER_GROUP != 64:
-        kwargs.update(groups=r.NUM_GROUPS, width_per_group=r.WIDTH_PER_GROUP)
-    return backbones.build_backbone(
-        arch, weights=cfg.MODEL.BACKBONE.WEIGHTS or None, norm=r.NORM,
-        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
-        style="caffe" if r.STRIDE_IN_1X1 else "pytorch",
-        dilations=(1, 1, 1, r.RES5_DILATION), out_features=list(out_features), **kwargs,
-    )
+# The names configs used before any registered backbone could be named: a ResNet of
+# MODEL.RESNETS.DEPTH / NUM_GROUPS / WIDTH_PER_GROUP, with the neck each implies.
+LEGACY_BACKBONE_NAMES = {"resnet": "none", "resnet_fpn": "fpn"}
+NECKS = ("fpn", "none")
+
+
+def resolve_backbone(cfg: CfgNode) -> Tuple[str, str, Dict[str, Any]]:
+    """(registered backbone name, neck, builder options) that ``MODEL.BACKBONE`` names.
+
+    ``NAME`` is any name in ``backbones.list_backbones()`` ("resnet50", "resnet50d",
+    "resnext101_32x8d", one of your own registered with ``@backbones.register_backbone``), or
+    a legacy "resnet" / "resnet_fpn", which picks the ResNet of ``MODEL.RESNETS.DEPTH``,
+    ``NUM_GROUPS`` and ``WIDTH_PER_GROUP`` (read only then) and implies the neck.
+    ``NECK`` is "fpn" or "none"; empty means what a legacy name implies, else "none".
+    """
+    b, r = cfg.MODEL.BACKBONE, cfg.MODEL.RESNETS
+    name, neck = b.NAME, b.NECK.lower()
+    options: Dict[str, Any] = {}
+    if name in LEGACY_BACKBONE_NAMES:
+        implied = LEGACY_BACKBONE_NAMES[name]
+        if neck and neck != implied:
+            raise ValueError(f"MODEL.BACKBONE.NAME {name!r} implies MODEL.BACKBONE.NECK "
+                             f"{implied!r}, got {neck!r}; name a registered backbone "
+                             "(e.g. 'resnet50') to choose the neck")
+        neck = implied
+        try:
+            arch = backbones.arch_for_depth(r.DEPTH, r.NUM_GROUPS, r.WIDTH_PER_GROUP)
+        except ValueError as err:
+            raise ValueError(f"MODEL.RESNETS.DEPTH: {err}") from None
+        if arch is None:  # no registered name for this cardinality/width: override one
+            arch = f"resnet{r.DEPTH}"
+            options.update(groups=r.NUM_GROUPS, width_per_group=r.WIDTH_PER_GROUP)
+        name = arch
+    elif name not in backbones.list_backbones():
+        raise ValueError(
+            f"unknown MODEL.BACKBONE.NAME {name!r}; valid: "
+            f"{', '.join(backbones.list_backbones())} (registered backbones; import the module "
+            f"that registers yours first), or {', '.join(map(repr, LEGACY_BACKBONE_NAMES))} "
+            "with MODEL.RESNETS.DEPTH")
+    neck = neck or "none"
+    if neck not in NECKS:
+        raise ValueError(f"MODEL.BACKBONE.NECK must be one of {', '.join(NECKS)}, got {neck!r}")
+    return name, neck, options
+
+
+def build_backbone_body(cfg: CfgNode, out_features: Optional[List[str]],
+                        **overrides: Any) -> Backbone:
+    """The backbone ``MODEL.BACKBONE.NAME`` names, without its neck, with outputs
+    ``out_features`` (None: the backbone's default). It gets the options of ``MODEL.BACKBONE``
+    (``WEIGHTS``, ``FREEZE_AT``) and ``MODEL.RESNETS`` (``NORM``, ``STRIDE_IN_1X1``,
+    ``RES5_DILATION``) and ``overrides``, those its builder takes: a builder of your own that
+    takes ``**kwargs`` gets them all, one with named parameters only those it names."""
+    name, _, options = resolve_backbone(cfg)
+    r, b = cfg.MODEL.RESNETS, cfg.MODEL.BACKBONE
+    options.update(weights=b.WEIGHTS or None, norm=_norm(r.NORM), freeze_at=b.FREEZE_AT,
+                   style="caffe" if r.STRIDE_IN_1X1 else "pytorch",
+                   dilations=(1, 1, 1, r.RES5_DILATION))
+    if out_features is not None:
+        options["out_features"] = list(out_features)
+    options.update(overrides)
+    builder = backbones.get_backbone_builder(name)
+    params = inspect.signature(builder).parameters.values()
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        accepted = {p.name for p in params}
+        if options.get("weights") and "weights" not in accepted:
+            raise ValueError(f"MODEL.BACKBONE.WEIGHTS is set, but backbone {name!r} takes no "
+                             "weights argument")
+        options = {k: v for k, v in options.items() if k in accepted}
+    return builder(**options)
 
 
 def build_detector_backbone(cfg: CfgNode) -> Backbone:
-    """ResNet (C4: up to res4) or ResNet-FPN, by ``MODEL.BACKBONE.NAME``."""
-    name = cfg.MODEL.BACKBONE.NAME
-    if name == "resnet_fpn":
-        in_features = list(cfg.MODEL.FPN.IN_FEATURES) or ["res2", "res3", "res4", "res5"]
-        body = _resnet(cfg, in_features)
+    """The backbone and neck ``MODEL.BACKBONE`` names: with NECK "fpn", an FPN (p2..p6) over
+    ``MODEL.FPN.IN_FEATURES`` (empty: every output of the backbone); with "none", the
+    backbone's ``MODEL.RESNETS.OUT_FEATURES`` (res4 for C4)."""
+    _, neck, _ = resolve_backbone(cfg)
+    if neck == "fpn":
+        in_features = list(cfg.MODEL.FPN.IN_FEATURES) or None
+        body = build_backbone_body(cfg, in_features)
         return FPN(body, out_channels=cfg.MODEL.FPN.OUT_CHANNELS, in_features=in_features,
                    norm=_norm(cfg.MODEL.FPN.NORM), top_block="maxpool")
-    if name == "resnet":
-        return _resnet(cfg, cfg.MODEL.RESNETS.OUT_FEATURES)
-    raise ValueError(f"unknown MODEL.BACKBONE.NAME {name!r}; valid: 'resnet', 'resnet_fpn'")
+    return build_backbone_body(cfg, list(cfg.MODEL.RESNETS.OUT_FEATURES))
 
 
 def build_rpn(cfg: CfgNode, shapes: Dict[str, ShapeSpec]) -> RPN:
@@ -180,7 +234,7 @@ def build_model(cfg: CfgNode, *, mask_head: Optional[nn.Module] = None) -> Gener
         raise ValueError(f"unknown MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE!r}")
     res5 = None
     if cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads":
-        backbone = _resnet(cfg, ["res2", "res3", "res4", "res5"])
+        backbone = build_backbone_body(cfg, ["res2", "res3", "res4", "res5"])
         res5 = split_res5(backbone)
     else:
         backbone = build_detector_backbone(cfg)
@@ -194,9 +248,12 @@ def build_model(cfg: CfgNode, *, mask_head: Optional[nn.Module] = None) -> Gener
     return model.to(cfg.MODEL.DEVICE)
 
 
-def split_res5(body: backbones.ResNet) -> nn.Sequential:
+def split_res5(body: Backbone) -> nn.Sequential:
     """Take res5 (with any weights it was loaded with) out of a ResNet, which then ends at
     res4: the C4 detector runs res5 as its box head."""
+    if not isinstance(body, backbones.ResNet) or "res5" not in body.stage_names:
+        raise ValueError(f"MODEL.ROI_HEADS.NAME 'Res5ROIHeads' runs a ResNet's res5 as its box "
+                         f"head; MODEL.BACKBONE.NAME builds a {type(body).__name__}")
     res5 = body.res5
     del body.res5
     body.stage_names.remove("res5")

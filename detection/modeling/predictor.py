@@ -8,35 +8,18 @@ type.
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 import torch
 from fvcore.common.config import CfgNode
-from torch import Tensor, nn
+from torch import Tensor
 
-from .build import build_model
-from .convert import detect_format, load_state_dict, to_ours
 from .faster_rcnn import GeneralizedRCNN
 from .metadata import Metadata
 from .zoo import get_detector_weights, list_detector_weights
 
 ImageLike = Union[str, os.PathLike, Tensor, np.ndarray, Any]
-
-# Models of packages above detection (segmentation's Mask R-CNN), registered on their import:
-# (applies(cfg), build(cfg), convert(checkpoint) -> our state dict), tried in order.
-ModelBuilder = Tuple[Callable[[CfgNode], bool], Callable[[CfgNode], nn.Module],
-                     Callable[[Mapping[str, Any]], Dict[str, Tensor]]]
-MODEL_BUILDERS: List[ModelBuilder] = []
-
-
-def register_model_builder(applies: Callable[[CfgNode], bool],
-                           build: Callable[[CfgNode], nn.Module],
-                           convert: Callable[[Mapping[str, Any]], Dict[str, Tensor]]) -> None:
-    """Have ``load_model`` use ``build`` and ``convert`` for configs where ``applies(cfg)``."""
-    if all(entry[1] is not build for entry in MODEL_BUILDERS):
-        MODEL_BUILDERS.append((applies, build, convert))
-
 
 def get_model_cfg(config: Union[str, os.PathLike, CfgNode]) -> CfgNode:
     """A config from a YAML path (``_BASE_`` resolved) or a CfgNode (cloned)."""
@@ -105,13 +88,13 @@ def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] 
     weights = weights or cfg.MODEL.WEIGHTS
     cfg.MODEL.BACKBONE.WEIGHTS = ""  # the detector checkpoint holds the backbone too
     cfg.MODEL.DEVICE = device
-    build, convert = next(((b, c) for applies, b, c in MODEL_BUILDERS if applies(cfg)),
-                          (build_model, to_ours))
-    model = build(cfg)
+    from detection.families import get_family  # the model family table (builder, loader)
+
+    family = get_family(cfg)
+    model = family.build(cfg)
     if weights:
-        ckpt = read_weights(weights)
-        load_state_dict(model, convert(ckpt))
-        if detect_format(ckpt) == "ours" and "metadata" in ckpt:
+        ckpt = family.load_weights(model, weights)
+        if isinstance(ckpt.get("metadata"), Mapping) and "class_names" in ckpt["metadata"]:
             model.metadata = Metadata.from_dict(ckpt["metadata"])
     model.eval()
     if runtime != "torch":

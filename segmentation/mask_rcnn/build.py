@@ -1,14 +1,11 @@
-"""Mask R-CNN from a config: the ``MODEL.MASK_ON`` / ``MODEL.ROI_MASK_HEAD.*`` keys and the
-builder (the only place here that reads the config)."""
+"""Mask R-CNN from a config: the builder (the only place here that reads the config; the keys
+``MODEL.ROI_MASK_HEAD.*`` are declared in ``segmentation.config``)."""
 
 import logging
-from typing import Any
 
 from fvcore.common.config import CfgNode
-from torch import nn
 
 from detection.modeling.build import LEVEL_MAPPINGS, build_model
-from detection.modeling.convert import load_state_dict
 from detection.modeling.poolers import ROIPooler
 
 from .mask_head import MaskRCNNHead
@@ -18,30 +15,6 @@ from .paste import PASTE_MODES
 logger = logging.getLogger(__name__)
 
 MASK_HEAD_NAMES = ("MaskRCNNConvUpsampleHead",)
-
-
-def add_mask_config(cfg: CfgNode) -> CfgNode:
-    """Add ``MODEL.MASK_ON`` and ``MODEL.ROI_MASK_HEAD`` (detectron2's names and defaults;
-    the torchvision configs choose its conventions) unless present; returns ``cfg``."""
-    if "MASK_ON" not in cfg.MODEL:
-        cfg.MODEL.MASK_ON = False
-    if "ROI_MASK_HEAD" in cfg.MODEL:
-        return cfg
-    h = CfgNode()
-    h.NAME = "MaskRCNNConvUpsampleHead"
-    h.NUM_CONV = 4
-    h.CONV_DIM = 256
-    h.NORM = ""  # torchvision v2: "BN"
-    h.POOLER_RESOLUTION = 14  # masks are twice this
-    h.POOLER_SAMPLING_RATIO = 0  # torchvision: 2
-    h.POOLER_TYPE = "ROIAlignV2"  # aligned (also when cropping targets); torchvision "ROIAlign"
-    h.CLS_AGNOSTIC_MASK = False
-    # How masks are pasted into the image: "detectron2" (grid sampling at pixel centres) or
-    # "torchvision" (padded mask resized into the integer box).
-    h.PASTE_MODE = "detectron2"
-    h.MASK_THRESHOLD = 0.5
-    cfg.MODEL.ROI_MASK_HEAD = h
-    return cfg
 
 
 def build_mask_head(cfg: CfgNode, shapes: dict) -> MaskRCNNHead:
@@ -87,29 +60,3 @@ def build_mask_rcnn(cfg: CfgNode) -> MaskRCNN:
         paste_mode=h.PASTE_MODE, mask_threshold=h.MASK_THRESHOLD,
     )
     return model.to(cfg.MODEL.DEVICE)
-
-
-def wants_masks(cfg: Any) -> bool:
-    """Whether ``cfg`` describes a Mask R-CNN."""
-    return cfg.MODEL.META_ARCHITECTURE == "MaskRCNN" or bool(cfg.MODEL.get("MASK_ON", False))
-
-
-def build_rcnn(cfg: CfgNode) -> nn.Module:
-    """Mask R-CNN when ``MODEL.MASK_ON``, else detection's Faster R-CNN."""
-    return build_mask_rcnn(cfg) if wants_masks(cfg) else build_model(cfg)
-
-
-def load_mask_rcnn_weights(model: nn.Module, weights: str) -> None:
-    """Load ``MODEL.WEIGHTS`` (zoo name, URL or path; ours, torchvision's or detectron2's
-    format) into a built Mask R-CNN, every key used."""
-    from detection.modeling.predictor import read_weights
-
-    from .convert import to_ours
-
-    if not weights:
-        return
-    try:
-        load_state_dict(model, to_ours(read_weights(weights)))
-    except (KeyError, ValueError) as e:
-        raise type(e)(f"{weights}: {e}") from e
-    logger.info("Loaded weights from %s", weights)

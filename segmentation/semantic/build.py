@@ -1,66 +1,28 @@
-"""Config keys of the semantic segmenters and building one from a config (the only place that
-reads ``cfg.MODEL.SEM_SEG_HEAD``).
+"""Building a semantic segmenter from a config (the only place that reads
+``cfg.MODEL.SEM_SEG_HEAD``, whose keys ``segmentation.config`` declares).
 
-``MODEL.META_ARCHITECTURE: "SemanticSegmentor"`` selects this model in the shared runner;
-``MODEL.BACKBONE.NAME`` picks the body: "resnet_fpn" (p2..p5, for SemSegFPNHead) or "resnet"
-(dilated by ``MODEL.RESNETS.RES4_DILATION`` / ``RES5_DILATION``, for DeepLabV3Head and
-FCNHead).
+``MODEL.META_ARCHITECTURE: "SemanticSegmentor"`` selects this model (``family.py``);
+``MODEL.BACKBONE.NAME`` / ``NECK`` pick the body: with the FPN neck ("resnet_fpn"), p2..p5
+for SemSegFPNHead; without ("resnet"), dilated by ``MODEL.RESNETS.RES4_DILATION`` /
+``RES5_DILATION``, for DeepLabV3Head and FCNHead.
 """
 
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from fvcore.common.config import CfgNode
 from torch import nn
 
 import backbones
 from backbones import FPN, ShapeSpec
+from detection.modeling.build import build_backbone_body, resolve_backbone
 
 from .heads import DeepLabV3Head, FCNHead, SemanticFPNHead
 from .model import SemanticSegmentor
 
-__all__ = ["HEADS", "add_semantic_config", "build_semantic_backbone", "build_semantic_head",
-           "build_semantic_model", "semantic_class_names"]
+__all__ = ["HEADS", "build_semantic_backbone", "build_semantic_head", "build_semantic_model",
+           "semantic_class_names"]
 
 HEADS = ("SemSegFPNHead", "DeepLabV3Head", "FCNHead")
-
-
-def _set_default(node: CfgNode, key: str, value: Any) -> None:
-    if key not in node:
-        node[key] = CfgNode(value) if isinstance(value, dict) else value
-
-
-def add_semantic_config(cfg: CfgNode) -> CfgNode:
-    """Add ``MODEL.SEM_SEG_HEAD.*``, ``MODEL.RESNETS.RES4_DILATION`` / ``DILATION_MODE`` and
-    ``INPUT.CROP.*`` (detectron2's names) where missing. Returns ``cfg``."""
-    if "MODEL" not in cfg:
-        cfg.MODEL = CfgNode()
-    h = CfgNode()
-    h.NAME = "SemSegFPNHead"  # or "DeepLabV3Head", "FCNHead"
-    h.IN_FEATURES = ["p2", "p3", "p4", "p5"]
-    h.NUM_CLASSES = 54
-    h.IGNORE_VALUE = 255
-    h.CONVS_DIM = 128  # SemSegFPNHead's conv width
-    h.COMMON_STRIDE = 4  # SemSegFPNHead: levels are brought to this stride
-    h.NORM = "GN"  # head norm: "GN", "BN" (torchvision's heads), "SyncBN", "none"
-    h.LOSS_WEIGHT = 1.0
-    h.ASPP_DILATIONS = [12, 24, 36]  # torchvision's, at output stride 8; (6, 12, 18) at 16
-    h.ASPP_CHANNELS = 256
-    h.ASPP_DROPOUT = 0.5
-    h.FCN_DROPOUT = 0.1
-    h.AUX_LOSS = False  # torchvision's auxiliary FCN head on AUX_IN_FEATURE
-    h.AUX_IN_FEATURE = "res4"
-    h.AUX_LOSS_WEIGHT = 0.5
-    h.SIZE_DIVISIBILITY = -1  # pad the batch to a multiple; -1: the backbone's own
-    _set_default(cfg.MODEL, "SEM_SEG_HEAD", h)
-    if "RESNETS" in cfg.MODEL:
-        _set_default(cfg.MODEL.RESNETS, "RES4_DILATION", 1)
-        # "torchvision": a dilated stage's first block keeps the previous dilation
-        # (replace_stride_with_dilation); "detectron2": every block of the stage is dilated
-        _set_default(cfg.MODEL.RESNETS, "DILATION_MODE", "detectron2")
-    if "INPUT" in cfg:
-        _set_default(cfg.INPUT, "CROP", {"ENABLED": False, "TYPE": "absolute",
-                                         "SIZE": [512, 512]})
-    return cfg
 
 
 def _norm(name: str) -> str:
@@ -68,37 +30,28 @@ def _norm(name: str) -> str:
 
 
 def build_semantic_backbone(cfg: CfgNode) -> backbones.Backbone:
-    """ResNet(-FPN) from ``MODEL.BACKBONE`` / ``MODEL.RESNETS`` / ``MODEL.FPN``."""
-    r, b, h = cfg.MODEL.RESNETS, cfg.MODEL.BACKBONE, cfg.MODEL.SEM_SEG_HEAD
-    if r.DEPTH not in (18, 34, 50, 101, 152):
-        raise ValueError(f"MODEL.RESNETS.DEPTH must be 18, 34, 50, 101 or 152, got {r.DEPTH}")
-    kwargs: Dict[str, Any] = {}
-    if r.NUM_GROUPS != 1 or r.WIDTH_PER_GROUP != 64:
-        kwargs.update(groups=r.NUM_GROUPS, width_per_group=r.WIDTH_PER_GROUP)
-    body_kwargs = dict(
-        weights=b.WEIGHTS or None, norm=r.NORM, freeze_at=b.FREEZE_AT,
-        style="caffe" if r.STRIDE_IN_1X1 else "pytorch",
-        dilations=(1, 1, r.RES4_DILATION, r.RES5_DILATION), dilation_mode=r.DILATION_MODE,
-        **kwargs,
-    )
-    arch = f"resnet{r.DEPTH}"
-    if b.NAME == "resnet_fpn":
-        in_features = list(cfg.MODEL.FPN.IN_FEATURES) or ["res2", "res3", "res4", "res5"]
-        body = backbones.build_backbone(arch, out_features=in_features, **body_kwargs)
+    """The backbone ``MODEL.BACKBONE`` names (``detection``'s resolution of names and necks):
+    with NECK "fpn" an FPN without top block over ``MODEL.FPN.IN_FEATURES``; with "none" the
+    backbone's outputs the head reads, dilated by ``MODEL.RESNETS.RES4_DILATION`` /
+    ``RES5_DILATION``."""
+    r, h = cfg.MODEL.RESNETS, cfg.MODEL.SEM_SEG_HEAD
+    _, neck, _ = resolve_backbone(cfg)
+    dilation = dict(dilations=(1, 1, r.RES4_DILATION, r.RES5_DILATION),
+                    dilation_mode=r.DILATION_MODE)
+    if neck == "fpn":
+        in_features = list(cfg.MODEL.FPN.IN_FEATURES) or None
+        body = build_backbone_body(cfg, in_features, **dilation)
         return FPN(body, out_channels=cfg.MODEL.FPN.OUT_CHANNELS, in_features=in_features,
                    norm=_norm(cfg.MODEL.FPN.NORM), top_block=None)
-    if b.NAME == "resnet":
-        wanted: List[str] = list(h.IN_FEATURES)
-        if h.AUX_LOSS and h.AUX_IN_FEATURE not in wanted:
-            wanted.append(h.AUX_IN_FEATURE)
-        order = ["res2", "res3", "res4", "res5"]
-        bad = [f for f in wanted if f not in order]
-        if bad:
-            raise ValueError(f"MODEL.SEM_SEG_HEAD features {bad} are not ResNet stages {order}")
-        wanted.sort(key=order.index)
-        return backbones.build_backbone(arch, out_features=wanted, **body_kwargs)
-    raise ValueError(f"unknown MODEL.BACKBONE.NAME {b.NAME!r} for a semantic segmenter; valid: "
-                     "'resnet_fpn', 'resnet'")
+    wanted: List[str] = list(h.IN_FEATURES)
+    if h.AUX_LOSS and h.AUX_IN_FEATURE not in wanted:
+        wanted.append(h.AUX_IN_FEATURE)
+    order = ["res2", "res3", "res4", "res5"]
+    bad = [f for f in wanted if f not in order]
+    if bad:
+        raise ValueError(f"MODEL.SEM_SEG_HEAD features {bad} are not ResNet stages {order}")
+    wanted.sort(key=order.index)
+    return build_backbone_body(cfg, wanted, **dilation)
 
 
 def build_semantic_head(

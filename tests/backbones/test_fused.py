@@ -7,13 +7,13 @@ import torch
 from torch import nn
 
 import backbones
-from backbones.fused import FusedBlock, FusedConv2d, FusedLinear, FusedStem, fuse_conv_relu
+from backbones.fused import FusedBlock, FusedConv2d, FusedLinear, fuse_conv_relu
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                 reason="oneDNN is not available in this torch build")
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnet50d"])
 def test_fused_backbone_equals_folded(arch):
     torch.manual_seed(0)
     model = backbones.FPN(backbones.build_backbone(arch, norm="FrozenBN"), out_channels=64)
@@ -24,7 +24,11 @@ def test_fused_backbone_equals_folded(arch):
     folded = backbones.prepare_for_inference(model, fuse=False)
     fused = fuse_conv_relu(copy.deepcopy(folded))
     kinds = {type(m) for m in fused.modules()}
-    assert FusedBlock in kinds and FusedStem in kinds
+    assert FusedBlock in kinds
+    stem = fused.bottom_up.stem  # every stem conv carries its ReLU, whatever the stem
+    pairs = type(stem).conv_norm_pairs
+    assert all(isinstance(getattr(stem, c), FusedConv2d) for c, _ in pairs)
+    assert all(isinstance(getattr(stem, n), nn.Identity) for _, n in pairs)
     assert not any(isinstance(m, (backbones.BasicBlock, backbones.Bottleneck))
                    for m in fused.modules())
     assert fused.state_dict().keys() != folded.state_dict().keys()  # really swapped

@@ -98,3 +98,43 @@ def test_exif_orientation_applied(tmp_path):
     assert bottom_left[0] > 150 and bottom_left[2] < 60
     raw = read_image(p, exif_transpose=False)
     assert raw.shape == (20, 30, 3)
+
+
+def _png_with_exif_after_data(path, arr, orientation):
+    """A PNG whose eXIf chunk (orientation) comes after the image data, before IEND."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    data = buf.getvalue()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    payload = exif.tobytes()[6:] if exif.tobytes().startswith(b"Exif") else exif.tobytes()
+    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload
+    chunk += struct.pack(">I", zlib.crc32(b"eXIf" + payload) & 0xFFFFFFFF)
+    iend = data.rindex(b"IEND") - 4
+    path.write_bytes(data[:iend] + chunk + data[iend:])
+
+
+@pytest.mark.parametrize("where", ["header", "after_data", "none"])
+def test_png_size_after_exif_without_decoding(tmp_path, monkeypatch, where):
+    p = tmp_path / "rot.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    if where == "header":
+        Image.fromarray(_rgb(20, 30)).save(p, exif=exif.tobytes())
+    elif where == "after_data":
+        _png_with_exif_after_data(p, _rgb(20, 30), 6)
+    else:
+        Image.fromarray(_rgb(20, 30)).save(p)
+    expected = (20, 30) if where == "none" else (30, 20)
+    assert read_image(p).shape[:2] == expected  # what the mapper will see
+    from PIL import ImageFile
+
+    def no_decoding(self):
+        raise AssertionError("image_size decoded the image")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    assert image_size(p) == expected
+    assert image_size(p, exif_transpose=False) == (20, 30)

@@ -10,14 +10,13 @@ import pytest
 import torch
 
 import backbones
-import segmentation  # noqa: F401  (Mask R-CNN config keys and builder)
-from detection.config import load_config
 from detection.deploy import UnsupportedExportError, check_export, export_model, load_exported
 from detection.deploy.agreement import compare_detections
 from detection.deploy.export import sample_image
-from detection.engine.runner import build_model_from_cfg
+from detection.engine.loading import build_model_from_cfg
 from detection.modeling.calibration import calibrate_batchnorm
 from detection.modeling.predictor import load_model, predict
+from segmentation.config import load_config  # Mask R-CNN's keys too
 
 # Sizes other than the traced 480x640, one of them an extreme aspect ratio.
 SIZES = [(203, 157), (150, 271), (64, 400)]

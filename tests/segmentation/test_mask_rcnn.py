@@ -11,11 +11,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import segmentation  # noqa: F401  (MODEL.MASK_ON, ROI_MASK_HEAD.*)
-from detection.config import ConfigKeyError, load_config
 from detection.engine import runner
 from detection.evaluation.coco_evaluation import COCOEvaluator
 from detection.modeling.convert import load_state_dict
 from detection.modeling.structures import SampledProposals
+from segmentation.config import ConfigKeyError, load_config
 from segmentation.mask_rcnn import (
     MaskRCNN,
     build_mask_rcnn,

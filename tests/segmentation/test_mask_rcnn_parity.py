@@ -8,9 +8,9 @@ import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
 
 import segmentation  # noqa: F401  (MODEL.MASK_ON, ROI_MASK_HEAD.*)
-from detection.config import load_config
 from detection.modeling.calibration import calibrate_batchnorm, textured_image
 from detection.modeling.convert import load_state_dict
+from segmentation.config import load_config
 from segmentation.mask_rcnn import MaskRCNN, build_mask_rcnn, torchvision_to_ours
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

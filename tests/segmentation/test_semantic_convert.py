@@ -5,8 +5,8 @@ import torch
 from torchvision.models import segmentation as tvseg
 
 from backbones import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
-from detection.config import get_cfg
 from detection.modeling.calibration import calibrate_batchnorm
+from segmentation.config import get_cfg
 from segmentation.semantic import (
     build_semantic_model,
     load_segmentation_weights,

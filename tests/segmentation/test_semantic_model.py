@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from backbones import FPN, ShapeSpec, resnet18
-from detection.config import ConfigKeyError, get_cfg, load_config
 from detection.engine import runner
+from segmentation.config import ConfigKeyError, get_cfg, load_config
 from segmentation.semantic import (
     ASPP,
     DeepLabV3Head,

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import segmentation  # noqa: F401  (registers the semantic keys and SemanticSegmentor)
-from detection.config import load_config
 from detection.data.shapes import ensure_shapes_dataset
 from detection.engine import runner
+from segmentation.config import load_config
 
 
 @pytest.fixture(scope="module")

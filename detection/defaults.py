@@ -1,0 +1,255 @@
+"""Every default of ``detection``'s config, in one tree: ``detection.config.get_cfg()`` returns a
+copy of it. Key names and values follow detectron2's (Base-RCNN, C4 layout); the YAML files
+under ``configs/`` select FPN or torchvision's conventions.
+
+Packages above detection declare their own keys in their own module and extend this tree
+explicitly (``segmentation.config.get_cfg()``); detection never imports them.
+
+Who owns what:
+
+- **Normalization: the config alone.** ``MODEL.PIXEL_MEAN`` / ``PIXEL_STD`` (0-255 scale) in
+  the channel order ``MODEL.INPUT_FORMAT`` ("RGB" or "BGR", the order the weights expect;
+  images always enter the model as RGB). The weights registry's metadata (pixel mean/std,
+  channel order of ``backbones`` weights) is data the configs are written from; a test checks
+  that every config naming registered backbone weights agrees with it. Nothing reads
+  normalization from a backbone object.
+- **Resizing in training: the data mapper.** It resizes each training image (and its boxes and
+  masks, with the same transform) to ``INPUT.MIN_SIZE_TRAIN`` (one size per image, sampled by
+  ``INPUT.MIN_SIZE_TRAIN_SAMPLING``) with the longest edge capped at ``INPUT.MAX_SIZE_TRAIN``,
+  before augmentation, in the loader workers. **At test time the model resizes**
+  (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``), so a checkpoint and its config define the whole
+  function from an image to detections in that image's pixels. ``INPUT.RESIZE_IN_MODEL_TRAIN``
+  is kept for compatibility only (see :data:`KEYS_KEPT_FOR_COMPATIBILITY`).
+"""
+
+from __future__ import annotations
+
+import math
+
+from detection.config import CfgNode
+
+__all__ = ["KEYS_DECLARED_ABOVE", "KEYS_KEPT_FOR_COMPATIBILITY", "RENAMED_KEYS",
+           "detection_defaults"]
+
+# Keys of the tree that no code path needs to read, each with why it stays. A test
+# (tests/detection/test_config_keys.py) checks that every other key is read.
+KEYS_KEPT_FOR_COMPATIBILITY: dict[str, str] = {
+    "VERSION": "the config format's version, written into every saved config.yaml",
+    "INPUT.RESIZE_IN_MODEL_TRAIN": (
+        "False (the default): the mapper resizes training images. True moves training-time "
+        "resizing into the model, as torchvision does; kept for the torchvision parity tests "
+        "and for configs written before the mapper owned it"),
+}
+
+# Keys that this tree dropped or that other toolkits spell differently: loading one is an error
+# that names the key to use instead.
+RENAMED_KEYS: dict[str, str] = {
+    "TEST.DETECTIONS_PER_IMAGE": "MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE",
+    "INPUT.FORMAT": "MODEL.INPUT_FORMAT (images always enter as RGB; it is the weights' order)",
+    "INPUT.MASK_FORMAT": "nothing: the mapper reads polygons, RLE and bitmasks as the json holds "
+                         "them; remove the key",
+}
+
+# Keys that packages above detection declare in their own defaults (dotted prefixes): met by
+# detection's tree alone, they are an error that says which package's config to load.
+# segmentation's test checks this list against segmentation.config.
+KEYS_DECLARED_ABOVE: dict[str, str] = {
+    "MODEL.MASK_ON": "segmentation",
+    "MODEL.ROI_MASK_HEAD": "segmentation",
+    "MODEL.SEM_SEG_HEAD": "segmentation",
+    "MODEL.RESNETS.RES4_DILATION": "segmentation",
+    "MODEL.RESNETS.DILATION_MODE": "segmentation",
+    "INPUT.CROP": "segmentation",
+}
+
+
+def detection_defaults() -> CfgNode:
+    """A new tree with every detection key at its default."""
+    _C = CfgNode()
+    _C.VERSION = 2
+
+    _C.MODEL = _model()
+
+    _C.INPUT = CfgNode()
+    # Training sizes, applied by the mapper (see the module docstring): the shortest edge is
+    # one of MIN_SIZE_TRAIN ("choice") or uniform in [min, max] of it ("range").
+    _C.INPUT.MIN_SIZE_TRAIN = (640, 672, 704, 736, 768, 800)
+    _C.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"
+    _C.INPUT.MAX_SIZE_TRAIN = 1333
+    # Test sizes, applied by the model.
+    _C.INPUT.MIN_SIZE_TEST = 800
+    _C.INPUT.MAX_SIZE_TEST = 1333
+    # Resize rule (shortest edge to MIN_SIZE, longest capped): "detectron2" (also
+    # "shortest_edge") rounds the size half up; "torchvision" interpolates with a scale factor.
+    _C.INPUT.RESIZE_MODE = "detectron2"
+    _C.INPUT.RESIZE_IN_MODEL_TRAIN = False  # compatibility only; see the module docstring
+    _C.INPUT.HFLIP_PROB = 0.5
+    _C.INPUT.PHOTOMETRIC = CfgNode()
+    _C.INPUT.PHOTOMETRIC.ENABLED = False
+    _C.INPUT.PHOTOMETRIC.PROB = 0.8
+    _C.INPUT.PHOTOMETRIC.BRIGHTNESS = 0.2
+    _C.INPUT.PHOTOMETRIC.CONTRAST = 0.2
+    _C.INPUT.PHOTOMETRIC.SATURATION = 0.2
+    _C.INPUT.PHOTOMETRIC.HUE = 0.02
+
+    _C.DATASETS = CfgNode()
+    _C.DATASETS.TRAIN = ("coco_2017_train",)
+    _C.DATASETS.TEST = ("coco_2017_val",)
+    # Root of the built-in datasets; "" means env var DETKIT_DATASETS, else ./datasets.
+    _C.DATASETS.ROOT = ""
+
+    _C.DATALOADER = CfgNode()
+    _C.DATALOADER.NUM_WORKERS = 4
+    _C.DATALOADER.ASPECT_RATIO_GROUPING = True
+    _C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
+    # Skip (and count) records whose image file is missing or unreadable instead of raising;
+    # evaluation then covers the images it could read and says how many it could not.
+    _C.DATALOADER.SKIP_MISSING_IMAGES = False
+    # Check every record before training / evaluation: "fast" (file exists, header readable,
+    # size equals the json's after EXIF), "full" (also decode every image and validate every
+    # segmentation) or "off".
+    _C.DATALOADER.CHECK_DATA = "fast"
+
+    _C.SOLVER = _solver()
+
+    _C.TEST = CfgNode()
+    _C.TEST.EVAL_PERIOD = 0  # 0 disables periodic evaluation
+    # COCO AP engine: "auto" (faster-coco-eval when installed), "pycocotools", "faster_coco_eval"
+    _C.TEST.EVAL_ENGINE = "auto"
+    # Inference runtime of the tools: "torch", "onnxruntime" or "openvino"; and its precision,
+    # "fp32" or "bf16" (convolutions in bf16; boxes, scores and NMS in float32).
+    _C.TEST.RUNTIME = "torch"
+    _C.TEST.PRECISION = "fp32"
+
+    _C.OUTPUT_DIR = "./output"
+    # Seeds the sampler's shuffles and per-sample augmentation; a negative value means
+    # "draw one at start", which the trainer should then record in the saved config.
+    _C.SEED = 0
+    return _C
+
+
+def _solver() -> CfgNode:
+    s = CfgNode()
+    s.OPTIMIZER = "SGD"  # "SGD" or "AdamW"
+    s.IMS_PER_BATCH = 16
+    s.BASE_LR = 0.02
+    s.BASE_LR_END = 0.0  # the final lr of WarmupCosineLR
+    s.MOMENTUM = 0.9  # SGD
+    s.NESTEROV = False  # SGD
+    s.BETAS = (0.9, 0.999)  # AdamW
+    s.WEIGHT_DECAY = 1e-4
+    s.WEIGHT_DECAY_NORM = 0.0
+    s.LR_SCHEDULER_NAME = "WarmupMultiStepLR"  # or "WarmupCosineLR"
+    s.MAX_ITER = 90000
+    s.STEPS = (60000, 80000)
+    s.GAMMA = 0.1
+    s.WARMUP_ITERS = 1000
+    s.WARMUP_FACTOR = 0.001
+    s.WARMUP_METHOD = "linear"
+    s.CHECKPOINT_PERIOD = 5000
+    s.LOG_PERIOD = 20  # iterations between console / metrics.json lines
+    s.CLIP_GRADIENTS = CfgNode()
+    s.CLIP_GRADIENTS.ENABLED = False
+    s.CLIP_GRADIENTS.CLIP_TYPE = "norm"  # "norm" or "value"
+    s.CLIP_GRADIENTS.CLIP_VALUE = 1.0
+    s.CLIP_GRADIENTS.NORM_TYPE = 2.0
+    s.AMP = CfgNode()
+    s.AMP.ENABLED = False
+    return s
+
+
+def _model() -> CfgNode:
+    _M = CfgNode()
+    # The model family (detection.families): "GeneralizedRCNN" is Faster R-CNN (Mask R-CNN
+    # with segmentation's MODEL.MASK_ON, as in detectron2).
+    _M.META_ARCHITECTURE = "GeneralizedRCNN"
+    _M.WEIGHTS = ""  # a whole-detector checkpoint: zoo name, URL or path
+    _M.DEVICE = "cpu"
+    # Normalization (the only place it is declared): 0-255 scale, in the channel order of
+    # INPUT_FORMAT, the order the weights expect. These are the MSRA weights'.
+    _M.PIXEL_MEAN = [103.530, 116.280, 123.675]
+    _M.PIXEL_STD = [1.0, 1.0, 1.0]
+    _M.INPUT_FORMAT = "BGR"
+    # Labels and names of the classes; empty: COCO when NUM_CLASSES is 80 (or torchvision's
+    # 90), class_0.. otherwise. Training fills them from the dataset; checkpoints carry them.
+    _M.CLASS_NAMES = []
+    _M.CATEGORY_IDS = []
+
+    _M.BACKBONE = CfgNode()
+    # A registered backbone (backbones.list_backbones(): "resnet50", "resnet50d",
+    # "resnext101_32x8d", your own) or the older "resnet" / "resnet_fpn", which take
+    # MODEL.RESNETS.DEPTH, NUM_GROUPS and WIDTH_PER_GROUP and imply the neck.
+    _M.BACKBONE.NAME = "resnet"
+    _M.BACKBONE.NECK = ""  # "fpn" or "none"; empty: what a "resnet*" name implies, else none
+    _M.BACKBONE.FREEZE_AT = 2
+    _M.BACKBONE.WEIGHTS = ""  # ImageNet weights by registered name, e.g. "detectron2/R-50"
+
+    _M.RESNETS = CfgNode()
+    _M.RESNETS.DEPTH = 50
+    _M.RESNETS.OUT_FEATURES = ["res4"]
+    _M.RESNETS.NUM_GROUPS = 1
+    _M.RESNETS.WIDTH_PER_GROUP = 64
+    _M.RESNETS.NORM = "FrozenBN"
+    _M.RESNETS.STRIDE_IN_1X1 = True  # MSRA/caffe weights; False for torchvision's
+    _M.RESNETS.RES5_DILATION = 1
+
+    _M.FPN = CfgNode()
+    _M.FPN.IN_FEATURES = []
+    _M.FPN.OUT_CHANNELS = 256
+    _M.FPN.NORM = ""
+
+    _M.ANCHOR_GENERATOR = CfgNode()
+    _M.ANCHOR_GENERATOR.SIZES = [[32, 64, 128, 256, 512]]
+    _M.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
+    _M.ANCHOR_GENERATOR.OFFSET = 0.0
+    _M.ANCHOR_GENERATOR.ROUND_BASE = False  # torchvision rounds the cell anchors
+    _M.ANCHOR_GENERATOR.RATIO_MAJOR = False  # torchvision orders cell anchors by ratio
+    _M.ANCHOR_GENERATOR.INFER_STRIDES = False  # torchvision: padded size // feature size
+
+    _M.RPN = CfgNode()
+    _M.RPN.IN_FEATURES = ["res4"]
+    _M.RPN.CONV_DIMS = [-1]  # one 3x3 conv per entry; -1: the input channels
+    _M.RPN.IOU_THRESHOLDS = [0.3, 0.7]
+    _M.RPN.BATCH_SIZE_PER_IMAGE = 256
+    _M.RPN.POSITIVE_FRACTION = 0.5
+    _M.RPN.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+    _M.RPN.BBOX_SCALE_CLAMP = math.log(1000.0 / 16)
+    _M.RPN.SMOOTH_L1_BETA = 0.0
+    _M.RPN.LOSS_WEIGHT = 1.0
+    _M.RPN.LOSS_NORMALIZER = "batch"  # "batch" (detectron2) or "sampled" (torchvision)
+    _M.RPN.PRE_NMS_TOPK_TRAIN = 12000  # per level and image
+    _M.RPN.PRE_NMS_TOPK_TEST = 6000
+    _M.RPN.POST_NMS_TOPK_TRAIN = 2000  # per image
+    _M.RPN.POST_NMS_TOPK_TEST = 1000
+    _M.RPN.NMS_THRESH = 0.7
+    _M.RPN.MIN_SIZE = 0.0  # proposals need width and height above it
+
+    _M.ROI_HEADS = CfgNode()
+    _M.ROI_HEADS.NAME = "Res5ROIHeads"  # or "StandardROIHeads" (FPN)
+    _M.ROI_HEADS.NUM_CLASSES = 80
+    _M.ROI_HEADS.IN_FEATURES = ["res4"]
+    _M.ROI_HEADS.IOU_THRESHOLDS = [0.5]
+    _M.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 512
+    _M.ROI_HEADS.POSITIVE_FRACTION = 0.25
+    _M.ROI_HEADS.PROPOSAL_APPEND_GT = True
+    _M.ROI_HEADS.SCORE_THRESH_TEST = 0.05
+    _M.ROI_HEADS.NMS_THRESH_TEST = 0.5
+    _M.ROI_HEADS.DETECTIONS_PER_IMAGE = 100  # detectron2: TEST.DETECTIONS_PER_IMAGE
+    _M.ROI_HEADS.MIN_BOX_SIZE = 0.0  # torchvision drops detections under 1e-2 pixels
+
+    _M.ROI_BOX_HEAD = CfgNode()
+    _M.ROI_BOX_HEAD.NUM_CONV = 0
+    _M.ROI_BOX_HEAD.CONV_DIM = 256
+    _M.ROI_BOX_HEAD.NUM_FC = 0
+    _M.ROI_BOX_HEAD.FC_DIM = 1024
+    _M.ROI_BOX_HEAD.NORM = ""
+    _M.ROI_BOX_HEAD.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+    _M.ROI_BOX_HEAD.BBOX_SCALE_CLAMP = math.log(1000.0 / 16)
+    _M.ROI_BOX_HEAD.SMOOTH_L1_BETA = 0.0
+    _M.ROI_BOX_HEAD.POOLER_RESOLUTION = 14
+    _M.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = 0
+    _M.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlignV2"  # aligned; "ROIAlign": torchvision's
+    # Box-to-level rule: "detectron2" floor(4 + log2(s/224 + 1e-8)), "torchvision"
+    # floor(4 + log2(s/224) + 1e-6).
+    _M.ROI_BOX_HEAD.POOLER_LEVEL_MAPPING = "detectron2"
+    return _M

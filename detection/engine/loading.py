@@ -1,0 +1,74 @@
+"""What a run loads before it trains or evaluates: the model its config names (through the
+family table, :mod:`detection.families`), ``MODEL.WEIGHTS``, the training dataset's class
+metadata, and the config a checkpoint carries."""
+
+import logging
+from typing import Any, Optional
+
+from torch import nn
+
+from detection.families import FAMILIES, get_family
+
+__all__ = [
+    "attach_dataset_metadata",
+    "build_model_from_cfg",
+    "config_from_checkpoint",
+    "inference_config",
+    "load_weights",
+]
+
+logger = logging.getLogger("detection.train")
+
+
+def build_model_from_cfg(cfg: Any) -> nn.Module:
+    """The model of ``cfg``'s family (``MODEL.META_ARCHITECTURE``), random heads."""
+    return get_family(cfg).build(cfg)
+
+
+def attach_dataset_metadata(cfg: Any) -> None:
+    """Copy the training dataset's class names (and category ids) into ``cfg.MODEL``, so
+    that checkpoints carry them, and check the class count (the family says how)."""
+    get_family(cfg).attach_metadata(cfg)
+
+
+def load_weights(model: nn.Module, weights: str) -> None:
+    """Load ``MODEL.WEIGHTS`` into a built model with its family's loader (found by the
+    model's class name): a checkpoint of ours, or a peer's file, URL or zoo name, converted on
+    the fly. Errors name the weights and the key (and both shapes)."""
+    if not weights:
+        return
+    family = FAMILIES.get(type(model).__name__)
+    if family is None:
+        raise ValueError(f"no model family builds a {type(model).__name__}; registered: "
+                         f"{sorted(FAMILIES)}")
+    family.load_weights(model, weights)
+
+
+def config_from_checkpoint(path: str, *, cfg: Optional[Any] = None) -> Any:
+    """The merged config stored in one of our checkpoints (what trained it), merged into
+    ``cfg`` (default: detection's ``get_cfg()``; give ``segmentation.config.get_cfg()`` for
+    segmentation checkpoints)."""
+    from fvcore.common.config import CfgNode as FvCfgNode
+
+    from detection.config import ConfigKeyError, get_cfg
+    from detection.engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or not state.get("config"):
+        raise ValueError(f"{path} carries no config: give --config as well")
+    cfg = get_cfg() if cfg is None else cfg
+    try:
+        cfg.merge_from_other_cfg(FvCfgNode.load_cfg(state["config"]))
+    except ConfigKeyError as e:
+        raise ConfigKeyError(f"{path}: {e}") from e
+    return cfg
+
+
+def inference_config(config: Optional[str], weights: str, *, cfg: Optional[Any] = None) -> Any:
+    """The config of an inference tool: ``config`` (name or path) merged into ``cfg`` when
+    given, else the one stored in the checkpoint ``weights``."""
+    if config is not None:
+        from detection.config import load_config
+
+        return load_config(config, cfg=cfg)
+    return config_from_checkpoint(weights, cfg=cfg)

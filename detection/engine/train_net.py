@@ -1,0 +1,88 @@
+"""The train entry, top to bottom: what ``tools/train_det.py`` runs.
+
+    metadata -> saved config -> seed -> model (its family) -> weights -> optimizer, schedule
+    -> checkpointer (resume) -> DDP -> loader (the family's mapper) -> Trainer.run (periodic
+    checkpoints and evaluation) -> final evaluation -> metrics and curves
+"""
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from detection.families import get_family
+
+from . import distributed as du
+from .checkpoint import Checkpointer
+from .evaluation import evaluate
+from .events import MetricsWriter, plot_curves
+from .loading import load_weights
+from .run_setup import seed_all
+from .solver import build_lr_scheduler, build_optimizer
+from .trainer import Trainer, flatten_results
+
+__all__ = ["train"]
+
+logger = logging.getLogger("detection.train")
+
+
+def _clip_gradients(cfg: Any) -> Optional[Dict[str, Any]]:
+    c = cfg.SOLVER.CLIP_GRADIENTS
+    if not c.ENABLED:
+        return None
+    return {"type": c.CLIP_TYPE, "value": c.CLIP_VALUE, "norm_type": c.NORM_TYPE}
+
+
+def train(cfg: Any, *, resume: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Train the model ``cfg`` describes, evaluating periodically and at the end.
+    Returns the trained model and the final evaluation results ({} off the main process)."""
+    from detection.config import save_config
+    from detection.data.build import build_train_loader
+
+    family = get_family(cfg)
+    output_dir = Path(cfg.OUTPUT_DIR)
+    family.attach_metadata(cfg)  # class names into the config, so checkpoints carry them
+    if du.is_main_process():
+        save_config(cfg, output_dir)
+    seed_all(cfg.SEED)
+    model = family.build(cfg)
+    if cfg.MODEL.WEIGHTS and not resume:
+        load_weights(model, cfg.MODEL.WEIGHTS)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    checkpointer = Checkpointer(
+        output_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+        config_yaml=cfg.dump(), metadata=model.metadata.to_dict(),
+    )
+    start_iter = checkpointer.resume() if resume else 0
+    train_model = model
+    if du.get_world_size() > 1:
+        device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    max_iter = int(cfg.SOLVER.MAX_ITER)
+    writer = MetricsWriter(output_dir, max_iter=max_iter, start_iter=start_iter) \
+        if du.is_main_process() else None
+    loader = build_train_loader(cfg, start_iter=start_iter, mapper=family.build_mapper(cfg, True))
+    trainer = Trainer(
+        model=train_model, optimizer=optimizer, scheduler=scheduler, data_loader=loader,
+        checkpointer=checkpointer, max_iter=max_iter, start_iter=start_iter,
+        checkpoint_period=int(cfg.SOLVER.CHECKPOINT_PERIOD),
+        eval_period=int(cfg.TEST.EVAL_PERIOD), evaluate_fn=lambda: evaluate(cfg, model),
+        writer=writer, log_period=int(cfg.SOLVER.LOG_PERIOD), clip_grad=_clip_gradients(cfg),
+        amp=bool(cfg.SOLVER.AMP.ENABLED),
+    )
+    t0 = time.perf_counter()
+    trainer.run()
+    train_time = time.perf_counter() - t0
+    logger.info("Training took %.1f s", train_time)
+    results = evaluate(cfg, model) if cfg.DATASETS.TEST else {}
+    if writer is not None:
+        flat = flatten_results(results if len(cfg.DATASETS.TEST) == 1 else {})
+        flat["train_time"] = train_time
+        writer.write(max_iter, flat)
+        writer.close()
+        plot_curves(output_dir)
+    return model, results

@@ -1,0 +1,201 @@
+"""Model families: the one table that ``MODEL.META_ARCHITECTURE`` names.
+
+A family says how to build its model from a config, how to read weights into it, which data
+mapper feeds it, which evaluator scores it and how the training dataset's class metadata enters
+the config. Training (:func:`detection.engine.train_net.train`), evaluation and
+:func:`detection.modeling.predictor.load_model` all look the family up here, so they can never
+disagree about which model a config means.
+
+Each family is declared by the package that owns it, in one visible place:
+
+- ``GeneralizedRCNN`` (alias ``FasterRCNN``): Faster R-CNN, FPN and C4, declared here
+  (:data:`FASTER_RCNN`).
+- ``MaskRCNN``: Mask R-CNN, declared in ``segmentation/mask_rcnn/family.py``; detectron2's
+  spelling, ``GeneralizedRCNN`` with ``MODEL.MASK_ON: True``, means it too.
+- ``SemanticSegmentor``: Semantic FPN, DeepLabV3 and FCN, declared in
+  ``segmentation/semantic/family.py``.
+
+A package above detection registers its families when it is imported (``import segmentation``);
+its config keys come from its own ``get_cfg()`` (``segmentation.config``), not from here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional
+
+from torch import Tensor, nn
+
+__all__ = [
+    "FAMILIES",
+    "FASTER_RCNN",
+    "ModelFamily",
+    "attach_instance_metadata",
+    "coco_evaluator",
+    "family_name",
+    "get_family",
+    "register_family",
+    "strict_weight_loader",
+]
+
+logger = logging.getLogger(__name__)
+
+StateDict = Dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What the engine and ``load_model`` need to know about one model family.
+
+    Attributes:
+        name: the ``MODEL.META_ARCHITECTURE`` value (and the model's class name).
+        build: ``cfg -> model`` with random heads (ImageNet backbone weights when
+            ``MODEL.BACKBONE.WEIGHTS`` names them), on ``MODEL.DEVICE``.
+        load_weights: ``(model, MODEL.WEIGHTS) -> checkpoint`` loads a zoo name, URL or path (ours
+            or a peer's format) into the built model; returns the checkpoint dict it read.
+        build_mapper: ``(cfg, is_train) -> mapper`` of dataset records to model inputs.
+        build_evaluator: ``(cfg, dataset_name, output_dir) -> evaluator`` (``reset``,
+            ``process(inputs, outputs)``, ``evaluate() -> {task: {metric: value}}``).
+        attach_metadata: ``cfg -> None``: class names and ids of ``DATASETS.TRAIN[0]`` into
+            ``cfg.MODEL`` (so checkpoints carry them), checking the class count.
+        declared_by: the package that declares the family (named in errors).
+    """
+
+    name: str
+    build: Callable[[Any], nn.Module]
+    load_weights: Callable[[nn.Module, str], Mapping[str, Any]]
+    build_mapper: Callable[[Any, bool], Any]
+    build_evaluator: Callable[[Any, str, Optional[Path]], Any]
+    attach_metadata: Callable[[Any], None]
+    declared_by: str = "detection"
+
+
+# MODEL.META_ARCHITECTURE -> family.
+FAMILIES: Dict[str, ModelFamily] = {}
+
+# Families that packages above detection declare, so that a config naming one says which
+# package to import.
+_DECLARED_ABOVE = {"MaskRCNN": "segmentation", "SemanticSegmentor": "segmentation"}
+
+
+def register_family(family: ModelFamily, *aliases: str) -> ModelFamily:
+    """Make ``MODEL.META_ARCHITECTURE: family.name`` (and each alias) mean ``family``."""
+    for name in (family.name, *aliases):
+        FAMILIES[name] = family
+    return family
+
+
+def family_name(cfg: Any) -> str:
+    """The family ``cfg`` describes: ``MODEL.META_ARCHITECTURE``, where detectron2's
+    ``GeneralizedRCNN`` with ``MODEL.MASK_ON`` means ``MaskRCNN``."""
+    name = cfg.MODEL.META_ARCHITECTURE
+    if name in ("GeneralizedRCNN", "FasterRCNN") and cfg.MODEL.get("MASK_ON", False):
+        return "MaskRCNN"
+    return name
+
+
+def get_family(cfg: Any) -> ModelFamily:
+    """The registered family of ``cfg``; a ValueError names the registered ones otherwise."""
+    name = family_name(cfg)
+    if name in FAMILIES:
+        return FAMILIES[name]
+    hint = ""
+    if name in _DECLARED_ABOVE:
+        hint = f" `import {_DECLARED_ABOVE[name]}` declares it."
+    raise ValueError(f"MODEL.META_ARCHITECTURE {name!r} is not a registered model family; "
+                     f"registered: {sorted(FAMILIES)}.{hint}")
+
+
+def strict_weight_loader(
+    convert: Callable[[Mapping[str, Any]], StateDict],
+) -> Callable[[nn.Module, str], Mapping[str, Any]]:
+    """A ``load_weights`` that reads a checkpoint (zoo name, URL or path), converts it with
+    ``convert`` and loads it exactly: every parameter given, every key used; errors name the
+    weights, the key and both shapes."""
+
+    def load(model: nn.Module, weights: str) -> Mapping[str, Any]:
+        from detection.modeling.convert import load_state_dict
+        from detection.modeling.predictor import read_weights
+
+        ckpt = read_weights(weights)
+        try:
+            load_state_dict(model, convert(ckpt))
+        except (KeyError, ValueError) as e:
+            raise type(e)(f"{weights}: {e}") from e
+        logger.info("Loaded weights from %s", weights)
+        return ckpt
+
+    return load
+
+
+# ----------------------------------------------------------------- detection's own family
+
+
+def _build_faster_rcnn(cfg: Any) -> nn.Module:
+    from detection.modeling.build import build_model
+
+    return build_model(cfg)
+
+
+def _convert_detector(checkpoint: Mapping[str, Any]) -> StateDict:
+    from detection.modeling.convert import to_ours
+
+    return to_ours(checkpoint)
+
+
+def _detection_mapper(cfg: Any, is_train: bool) -> Any:
+    from detection.data.mapper import DatasetMapper
+
+    return DatasetMapper.from_config(cfg, is_train=is_train)
+
+
+def coco_evaluator(*tasks: str) -> Callable[[Any, str, Optional[Path]], Any]:
+    """A ``build_evaluator`` for COCO AP of ``tasks`` ("bbox", "segm")."""
+
+    def build(cfg: Any, dataset_name: str, output_dir: Optional[Path] = None) -> Any:
+        from detection.evaluation.coco_evaluation import COCOEvaluator
+
+        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_dir,
+                             engine=cfg.TEST.EVAL_ENGINE)
+
+    return build
+
+
+def attach_instance_metadata(cfg: Any) -> None:
+    """``MODEL.CLASS_NAMES`` / ``CATEGORY_IDS`` from the training dataset's ``thing_classes``,
+    checked against ``MODEL.ROI_HEADS.NUM_CLASSES``. Leaves a config that names its classes."""
+    from detection.data.catalog import get_metadata
+
+    if cfg.MODEL.CLASS_NAMES or not cfg.DATASETS.TRAIN:
+        return
+    meta = get_metadata(cfg.DATASETS.TRAIN[0])
+    names = list(meta.get("thing_classes", []))
+    if not names:
+        return
+    ids = [int(i) for i in meta.get("contiguous_id_to_dataset_id", range(len(names)))]
+    if cfg.MODEL.ROI_HEADS.NUM_CLASSES != len(names):
+        raise ValueError(
+            f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but dataset "
+            f"{cfg.DATASETS.TRAIN[0]!r} has {len(names)} categories; set it to {len(names)}"
+        )
+    was_frozen = cfg.is_frozen()
+    cfg.defrost()
+    cfg.MODEL.CLASS_NAMES = names
+    cfg.MODEL.CATEGORY_IDS = ids
+    if was_frozen:
+        cfg.freeze()
+
+
+FASTER_RCNN = register_family(
+    ModelFamily(
+        name="GeneralizedRCNN",
+        build=_build_faster_rcnn,
+        load_weights=strict_weight_loader(_convert_detector),
+        build_mapper=_detection_mapper,
+        build_evaluator=coco_evaluator("bbox"),
+        attach_metadata=attach_instance_metadata,
+    ),
+    "FasterRCNN",
+)

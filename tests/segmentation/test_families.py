@@ -1,0 +1,64 @@
+"""The model family table: one entry per family, declared by the package that owns it, used
+by training and by ``load_model`` alike (our checkpoints of every family reload through it)."""
+
+import pytest
+import torch
+
+import segmentation
+from detection.families import FAMILIES, family_name, get_family
+from segmentation.config import load_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_each_family_is_declared_once_by_its_package():
+    assert FAMILIES["GeneralizedRCNN"] is FAMILIES["FasterRCNN"]
+    assert FAMILIES["GeneralizedRCNN"].declared_by == "detection"
+    assert FAMILIES["MaskRCNN"] is segmentation.mask_rcnn.MASK_RCNN
+    assert FAMILIES["SemanticSegmentor"] is segmentation.semantic.SEMANTIC_SEGMENTOR
+    assert {f.declared_by for n, f in FAMILIES.items() if n != "GeneralizedRCNN"
+            and n != "FasterRCNN"} == {"segmentation"}
+    cfg = load_config("mask_rcnn_r18_fpn_shapes.yaml")
+    assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" and cfg.MODEL.MASK_ON
+    assert family_name(cfg) == "MaskRCNN"  # detectron2's spelling of Mask R-CNN
+    cfg.MODEL.MASK_ON = False
+    assert get_family(cfg) is FAMILIES["GeneralizedRCNN"]
+    cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    with pytest.raises(ValueError, match=r"'RetinaNet' is not a registered model family"):
+        get_family(cfg)
+
+
+@pytest.mark.parametrize("config,opts", [
+    ("mask_rcnn_r18_fpn_shapes.yaml", ["MODEL.FPN.OUT_CHANNELS", "16",
+                                       "MODEL.ROI_BOX_HEAD.FC_DIM", "32",
+                                       "MODEL.ROI_MASK_HEAD.CONV_DIM", "8"]),
+    ("semantic_fpn_r18_shapes.yaml", ["MODEL.FPN.OUT_CHANNELS", "16",
+                                      "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32"]),
+])
+def test_load_model_reloads_our_checkpoint_of_each_family(config, opts, tmp_path):
+    cfg = load_config(config, [*opts, "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"])
+    family = get_family(cfg)
+    torch.manual_seed(0)
+    model = family.build(cfg).eval()
+    names = [f"thing{i}" for i in range(model.metadata.num_classes)]
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": model.state_dict(), "config": cfg.dump(),
+                "metadata": {"class_names": names,
+                             "category_ids": list(range(10, 10 + len(names)))}}, path)
+    torch.manual_seed(1)  # a different initialisation: only the weights can make them equal
+    (tmp_path / "config.yaml").write_text(cfg.dump())  # a YAML path, read with segmentation's tree
+    loaded = segmentation.load_model(tmp_path / "config.yaml", str(path), optimize=False)
+    assert type(loaded) is type(model)
+    assert loaded.metadata.class_names == names and loaded.metadata.category_ids[0] == 10
+    image = [torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8)]
+    with torch.no_grad():
+        want, got = model(image)[0], loaded(image)[0]
+    assert set(want) == set(got)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, msg=k)
