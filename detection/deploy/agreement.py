@@ -37,15 +37,19 @@ class Agreement:
 
 def compare_detections(reference: Dict[str, Tensor], candidate: Dict[str, Tensor], *,
                        iou: float = 0.99, score_tol: float = 1e-3,
-                       min_side: float = 1.0, label_offset: int = 0) -> Agreement:
+                       min_side: float = 1.0, min_score: float = 0.0,
+                       label_offset: int = 0) -> Agreement:
     """Match each reference detection to the candidate detection of the same label (plus
     ``label_offset``, e.g. 1 against torchvision's background-first labels) with the highest
     IoU; it counts when that IoU exceeds ``iou`` and the scores differ by at most
     ``score_tol``. Reference boxes narrower or shorter than ``min_side`` pixels (slivers at the
-    image edge, whose IoU flips with sub-pixel shifts) are left out."""
+    image edge, whose IoU flips with sub-pixel shifts) are left out, and so are reference
+    detections scoring below ``min_score`` (those within a tolerance of the model's score
+    threshold may fall under it in the candidate)."""
     rb, cb = reference["boxes"].float(), candidate["boxes"].float()
     keep = torch.nonzero(((rb[:, 2] - rb[:, 0]) >= min_side)
-                         & ((rb[:, 3] - rb[:, 1]) >= min_side)).squeeze(1)
+                         & ((rb[:, 3] - rb[:, 1]) >= min_side)
+                         & (reference["scores"] >= min_score)).squeeze(1)
     rb, rs, rl = rb[keep], reference["scores"].float()[keep], reference["labels"][keep]
     n = rb.shape[0]
     if n == 0 or cb.shape[0] == 0:

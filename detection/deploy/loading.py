@@ -28,3 +28,18 @@ def load_for_inference(config: Optional[str], weights: str, *, runtime: Optional
     model = load_model(cfg, weights, runtime=runtime or cfg.TEST.RUNTIME,
                        precision=precision or cfg.TEST.PRECISION)
     return model, cfg
+
+
+def load_for_evaluation(cfg: Any) -> Any:
+    """The model ``--eval-only`` evaluates: ``MODEL.WEIGHTS`` in ``TEST.RUNTIME`` at
+    ``TEST.PRECISION``. For torch and fp32 that is the plain eager model, the one training
+    evaluates."""
+    from detection.engine.loading import build_model_from_cfg, load_weights
+    from detection.modeling.predictor import load_model
+
+    runtime, precision = cfg.TEST.RUNTIME, cfg.TEST.PRECISION
+    if runtime == "torch" and precision == "fp32":
+        model = build_model_from_cfg(cfg)
+        load_weights(model, cfg.MODEL.WEIGHTS)
+        return model
+    return load_model(cfg, cfg.MODEL.WEIGHTS, runtime=runtime, precision=precision)

@@ -101,7 +101,11 @@ def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] 
         from detection.deploy import export_cached
 
         return export_cached(model, cfg, weights, runtime=runtime, precision=precision)
-    if optimize:
+    if not hasattr(model, "optimize_for_inference"):
+        if precision != "fp32":
+            raise ValueError(f"precision {precision!r} is for detectors; a "
+                             f"{type(model).__name__} runs in fp32")
+    elif optimize:
         model.optimize_for_inference(precision=precision)
     elif precision != "fp32":
         raise ValueError(f"precision {precision!r} needs optimize=True")
