@@ -1,12 +1,12 @@
 """bf16 inference that keeps the detections: the convolutions and the box head's fully
 connected layers in bf16, everything that makes the final numbers in float32.
 
-In bf16: the backbone (ResNet and FPN), the RPN's conv tower and its 1x1 predictors (their
-outputs are cast to float32 before any decoding), the box head (FCs, or res5 in C4) and the
-mask head's convs. In float32: anchors, the decoding of every box delta, the RPN's top-k and
-NMS, RoIAlign (torchvision's CPU kernel has no bf16), the box predictor (class scores and the
-final box regression), the score softmax, the final NMS, the rescaling of boxes to the input
-image and the mask predictor and pasting.
+In bf16: the backbone (ResNet and FPN), the box head (FCs, or res5 in C4) and the mask head's
+convs. In float32: the RPN head (measured on a briefly trained shapes model: with its 3x3 conv
+in bf16, 11% of the detections moved, against 1.4% for a bf16 backbone), anchors, the decoding
+of every box delta, the RPN's top-k and NMS, RoIAlign (torchvision's CPU kernel has no bf16),
+the box predictor (class scores and the final box regression), the score softmax, the final
+NMS, the rescaling of boxes to the input image and the mask predictor and pasting.
 """
 
 from typing import Any, Sequence
