@@ -24,5 +24,12 @@ setup(
         "matplotlib",
         "safetensors",
     ],
-    extras_require={"dev": ["pytest>=7", "ruff"]},
+    extras_require={
+        # exporting (ONNX, OpenVINO IR) and running exports: load_model(..., runtime=...)
+        "deploy": ["onnx>=1.15", "onnxruntime>=1.17", "openvino>=2024.0"],
+        # tests: the deploy runtimes too, hypothesis for the fuzz tests, timm for the
+        # resnet50d parity test
+        "dev": ["pytest>=7", "ruff", "hypothesis>=6", "timm>=0.9",
+                "onnx>=1.15", "onnxruntime>=1.17", "openvino>=2024.0"],
+    },
 )

@@ -17,15 +17,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fvcore.common.config import CfgNode  # noqa: E402
 from torchvision.models.detection import fasterrcnn_resnet50_fpn  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 
 from backbones import freeze_batchnorm  # noqa: E402
+from detection.config import load_config  # noqa: E402
 from detection.modeling.build import build_model  # noqa: E402
 from detection.modeling.calibration import calibrate_batchnorm, textured_image  # noqa: E402
 from detection.modeling.convert import load_state_dict, torchvision_to_ours  # noqa: E402
-from detection.modeling.defaults import add_model_config  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs/torchvision/fasterrcnn_resnet50_fpn.yaml"
 
@@ -65,8 +64,7 @@ def lively_reference(ref: torch.nn.Module, img: torch.Tensor) -> torch.nn.Module
 
 
 def ours_from(ref) -> torch.nn.Module:
-    cfg = add_model_config(CfgNode())
-    cfg.merge_from_file(str(CONFIG))
+    cfg = load_config(str(CONFIG))
     cfg.MODEL.BACKBONE.WEIGHTS = ""
     model = build_model(cfg)
     load_state_dict(model, torchvision_to_ours(ref.state_dict()))

@@ -23,13 +23,19 @@ __all__ = ["load_model"]
 
 
 def load_model(config: str | os.PathLike | CfgNode, weights: Optional[str] = None, *,
-               device: str = "cpu", optimize: bool = True) -> nn.Module:
+               device: str = "cpu", optimize: bool = True, runtime: str = "torch",
+               precision: str = "fp32") -> nn.Module:
     """Build the model of ``config`` (a YAML path or name, a CfgNode or a zoo name), read with
     segmentation's config, and load ``weights`` (default ``MODEL.WEIGHTS``) into it; in eval
-    mode, frozen BatchNorm folded when ``optimize``."""
+    mode, frozen BatchNorm folded when ``optimize``. ``runtime`` and ``precision`` as in
+    detection's ``load_model`` (Mask R-CNN exports; an export directory loads as it is)."""
+    if isinstance(config, (str, os.PathLike)) and os.path.isfile(
+            os.path.join(config, "export.json")):
+        return detection_load_model(config, runtime=runtime, precision=precision)
     if isinstance(config, str) and config in list_detector_weights():
         weights = weights or config
         config = get_detector_weights(config).config_path
     if not isinstance(config, CfgNode):
         config = load_config(config)
-    return detection_load_model(config, weights, device=device, optimize=optimize)
+    return detection_load_model(config, weights, device=device, optimize=optimize,
+                                runtime=runtime, precision=precision)

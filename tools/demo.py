@@ -19,8 +19,9 @@ from pathlib import Path
 from PIL import Image
 
 from detection.data.image_io import read_image
-from detection.engine.loading import inference_config
-from detection.modeling.predictor import load_model, predict
+from detection.deploy import PRECISIONS, RUNTIMES
+from detection.deploy.loading import load_for_inference
+from detection.modeling.predictor import predict
 from detection.visualization import draw_instances
 from segmentation.config import get_cfg  # the full tree; registers segmentation's models
 
@@ -60,10 +61,14 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="demo_out", help="folder for the pictures")
     parser.add_argument("--score-threshold", type=float, default=0.5)
     parser.add_argument("--limit", type=int, default=None, help="at most this many images")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=None,
+                        help="inference runtime (default: the config's TEST.RUNTIME, torch)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="fp32 or bf16 (default: the config's TEST.PRECISION, fp32)")
     args = parser.parse_args(argv)
 
-    cfg = inference_config(args.config, args.weights, cfg=get_cfg())
-    model = load_model(cfg, args.weights)
+    model, _ = load_for_inference(args.config, args.weights, runtime=args.runtime,
+                                  precision=args.precision, cfg=get_cfg())
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in list_images(args.input, args.limit):

@@ -16,9 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from detection.deploy import PRECISIONS, RUNTIMES
+from detection.deploy.loading import load_for_evaluation
 from detection.engine import distributed as du
 from detection.engine.evaluation import evaluate
-from detection.engine.loading import attach_dataset_metadata, build_model_from_cfg, load_weights
+from detection.engine.loading import attach_dataset_metadata
 from detection.engine.result_tables import format_ap_table
 from detection.engine.run_setup import setup_logging
 from detection.engine.train_net import train
@@ -36,6 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="continue from the last checkpoint in OUTPUT_DIR")
     parser.add_argument("--eval-only", action="store_true",
                         help="only evaluate MODEL.WEIGHTS on DATASETS.TEST")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=None,
+                        help="with --eval-only: TEST.RUNTIME (torch, onnxruntime, openvino)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="with --eval-only: TEST.PRECISION (fp32, bf16)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     for flag in ("--resume", "--eval-only"):  # also accepted after the KEY VALUE pairs
@@ -48,12 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     du.init_distributed()
-    cfg = load_config(args.config, args.opts)
+    overrides = [*(["TEST.RUNTIME", args.runtime] if args.runtime else []),
+                 *(["TEST.PRECISION", args.precision] if args.precision else [])]
+    cfg = load_config(args.config, args.opts + overrides)
     setup_logging(Path(cfg.OUTPUT_DIR))
     if args.eval_only:
         attach_dataset_metadata(cfg)
-        model = build_model_from_cfg(cfg)
-        load_weights(model, cfg.MODEL.WEIGHTS)
+        model = load_for_evaluation(cfg)  # TEST.RUNTIME, TEST.PRECISION
         results = evaluate(cfg, model)
     else:
         _, results = train(cfg, resume=args.resume)  # detection/engine/train_net.py

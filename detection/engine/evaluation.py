@@ -84,7 +84,7 @@ def inference_on_dataset(model: nn.Module, data_loader: Iterable, evaluator: Any
                 counts.unreadable_files += names
             if len(batch) == 0:  # every image of this batch failed to load
                 continue
-            device = next(model.parameters()).device
+            device = getattr(model, "device", None) or next(model.parameters()).device
             outputs = model([d["image"].to(device) for d in batch])
             outputs = [{k: v.cpu() for k, v in o.items()} for o in outputs]
             evaluator.process(batch, outputs)

@@ -57,11 +57,30 @@ def config_from_checkpoint(path: str, *, cfg: Optional[Any] = None) -> Any:
     if not isinstance(state, dict) or not state.get("config"):
         raise ValueError(f"{path} carries no config: give --config as well")
     cfg = get_cfg() if cfg is None else cfg
+    stored = FvCfgNode.load_cfg(state["config"])
+    _drop_removed_keys(stored, path)
     try:
-        cfg.merge_from_other_cfg(FvCfgNode.load_cfg(state["config"]))
+        cfg.merge_from_other_cfg(stored)
     except ConfigKeyError as e:
         raise ConfigKeyError(f"{path}: {e}") from e
     return cfg
+
+
+def _drop_removed_keys(stored: Any, path: str) -> None:
+    """Checkpoints written before a key was removed still carry it: the removed keys had no
+    effect (see ``RENAMED_KEYS``), so they are dropped from a stored config, with a log line;
+    in a user's YAML they stay an error."""
+    from detection.defaults import RENAMED_KEYS
+
+    for full_key in RENAMED_KEYS:
+        *parents, leaf = full_key.split(".")
+        node = stored
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            del node[leaf]
+            logger.info("%s: dropped %s from its stored config (a key that had no effect)",
+                        path, full_key)
 
 
 def inference_config(config: Optional[str], weights: str, *, cfg: Optional[Any] = None) -> Any:

@@ -6,6 +6,8 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .tracing import is_tracing
+
 
 def cell_anchors(
     sizes: Sequence[float], aspect_ratios: Sequence[float], *, round_base: bool,
@@ -82,8 +84,9 @@ class AnchorGenerator(nn.Module):
         feature maps ``(N, C, H_l, W_l)`` of a batch padded to ``padded_size`` (h, w)."""
         sizes = [tuple(f.shape[-2:]) for f in features]
         like = features[0]
+        tracing = is_tracing()  # traced sizes are tensors: compute, never cache
         key = (tuple(sizes), tuple(padded_size), like.device, like.dtype)
-        cached = self._cache.get(key)
+        cached = None if tracing else self._cache.get(key)
         if cached is not None:
             return cached
         out = []
@@ -93,7 +96,8 @@ class AnchorGenerator(nn.Module):
             else:
                 stride = (self.strides[i], self.strides[i])
             out.append(self._grid(getattr(self, f"cell_anchors_{i}"), size, stride, like))
-        if len(self._cache) > 16:
-            self._cache.clear()
-        self._cache[key] = out
+        if not tracing:
+            if len(self._cache) > 16:
+                self._cache.clear()
+            self._cache[key] = out
         return out

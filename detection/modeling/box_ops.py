@@ -4,10 +4,14 @@ All functions broadcast over leading dimensions and never loop over boxes.
 """
 
 import math
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torchvision.ops import batched_nms as tv_batched_nms
+from torchvision.ops import nms
+
+from .tracing import Size, is_tracing, size_tensor
 
 # Largest log-scale delta applied when decoding: exp() of more would make huge boxes.
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
@@ -75,21 +79,44 @@ def clip_boxes(boxes: Tensor, limits: Tensor) -> Tensor:
     return torch.minimum(boxes.clamp(min=0), limits.to(boxes.dtype))
 
 
+def split_per_image(values: Tensor, image_idx: Tensor, num_images: int) -> List[Tensor]:
+    """Split ``values`` ``(M, ...)``, grouped by ``image_idx`` ``(M,)`` in increasing order,
+    into one tensor per image."""
+    if num_images == 1:
+        return [values]
+    return list(values.split(torch.bincount(image_idx, minlength=num_images).tolist()))
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """NMS within each group: indices ``(K,)`` of the kept ``boxes`` ``(M, 4)``, by decreasing
+    score. Eager mode uses torchvision's (a loop over groups for large M on CPU); a traced
+    graph shifts each group's boxes apart and runs one NMS, without torchvision's branch for
+    empty input (OpenVINO 2026.4 answers that branch with one spurious index)."""
+    if not is_tracing():
+        return tv_batched_nms(boxes, scores, groups, iou_threshold)
+    # max over the coordinates and a zero: defined for empty input too
+    span = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max() + 1
+    return nms(boxes + (groups.to(boxes) * span)[:, None], scores, iou_threshold)
+
+
 def box_sizes(boxes: Tensor) -> Tuple[Tensor, Tensor]:
     """Widths and heights ``(...)`` of ``boxes`` ``(..., 4)``."""
     return boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
 
 
-def size_limits(image_sizes: Sequence[Tuple[int, int]], like: Tensor) -> Tensor:
-    """``(N, 4)`` tensor of ``(w, h, w, h)`` for ``image_sizes`` given as ``(h, w)``."""
-    return torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=like.dtype,
-                        device=like.device)
+def size_limits(image_sizes: Sequence[Tuple[Size, Size]], like: Tensor) -> Tensor:
+    """``(N, 4)`` tensor of ``(w, h, w, h)`` for ``image_sizes`` given as ``(h, w)`` (ints, or
+    traced sizes)."""
+    flat = [v for h, w in image_sizes for v in (w, h, w, h)]
+    return size_tensor(flat, dtype=like.dtype, device=like.device).view(-1, 4)
 
 
 def top_k_per_group(group: Tensor, num_groups: int, k: int) -> Tensor:
     """Indices into ``group`` ``(M,)`` (already sorted by decreasing score) of the first ``k``
     elements of each group, ordered by group then by score. ``group`` holds ints in
     ``[0, num_groups)``."""
+    if num_groups == 1:  # one image: the first k (also what a traced single-image graph needs)
+        return torch.arange(group.shape[0], device=group.device)[:k]
     order = torch.sort(group, stable=True).indices
     sorted_group = group[order]
     counts = torch.bincount(sorted_group, minlength=num_groups)

@@ -10,6 +10,7 @@ def add_model_config(cfg: CfgNode) -> CfgNode:
     from detection.defaults import detection_defaults
 
     defaults = detection_defaults()
-    cfg.MODEL = defaults.MODEL
-    cfg.INPUT = defaults.INPUT
+    # nodes of cfg's own class, so that merging a YAML file into cfg finds equal node types
+    cfg.MODEL = type(cfg)(defaults.MODEL)
+    cfg.INPUT = type(cfg)(defaults.INPUT)
     return cfg

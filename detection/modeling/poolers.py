@@ -1,17 +1,19 @@
 """RoIAlign over one or several feature levels, with each box sent to one level."""
 
 import math
-from typing import List, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Sequence
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from .tracing import is_tracing
+
 
 def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
     """Per-image boxes ``(R_i, 4)`` -> ``(sum R_i, 5)`` rows of (image index, x1, y1, x2, y2)."""
-    idx = torch.cat([torch.full((b.shape[0], 1), i, dtype=b.dtype, device=b.device)
-                     for i, b in enumerate(boxes)])
+    idx = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
     return torch.cat([idx, torch.cat(list(boxes))], dim=1)
 
 
@@ -60,15 +62,62 @@ class ROIPooler(nn.Module):
     def forward(self, features: List[Tensor], boxes: Sequence[Tensor]) -> Tensor:
         """features ``(N, C, H_l, W_l)`` per level, boxes per image ``(R_i, 4)`` ->
         ``(sum R_i, C, S, S)`` in the order of the boxes."""
+        # torchvision's RoIAlign runs in float32 and float64 only (features of a bf16
+        # backbone are pooled in float32) and reads NCHW: one pass makes both, once per level
+        # however many calls read it.
+        features = [f.to(f.dtype if f.dtype in (torch.float32, torch.float64)
+                         else torch.float32, memory_format=torch.contiguous_format)
+                    for f in features]
         rois = boxes_to_rois(boxes).to(features[0].dtype)
-        if len(features) == 1:
+        parallel = self._parallel(rois)
+        if len(features) == 1 and not parallel:
             return roi_align(features[0], rois, self.output_size, self.scales[0],
                              self.sampling_ratio, self.aligned)
-        levels = self.levels(rois)
+        levels = (torch.zeros_like(rois[:, 0], dtype=torch.int64) if len(features) == 1
+                  else self.levels(rois))
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
+        if parallel:
+            return self._pool_in_threads(features, rois, levels, out)
         for lvl, (feat, scale) in enumerate(zip(features, self.scales)):
             idx = torch.nonzero(levels == lvl).squeeze(1)
-            if idx.numel():
+            if idx.numel() or is_tracing():  # (traced: no branch on the data)
                 out[idx] = roi_align(feat, rois[idx], self.output_size, scale,
                                      self.sampling_ratio, self.aligned).to(out.dtype)
         return out
+
+    def _parallel(self, rois: Tensor) -> bool:
+        """torchvision's CPU RoIAlign runs on one thread: at inference on a CPU, split the
+        boxes over the intra-op threads (the kernel releases the GIL)."""
+        return (rois.device.type == "cpu" and not torch.is_grad_enabled()
+                and not is_tracing() and torch.get_num_threads() > 1
+                and rois.shape[0] >= 2 * MIN_ROIS_PER_THREAD)
+
+    def _pool_in_threads(self, features: List[Tensor], rois: Tensor, levels: Tensor,
+                         out: Tensor) -> Tensor:
+        threads = torch.get_num_threads()
+        jobs = []  # (level, indices of its boxes), about threads jobs per level with boxes
+        for lvl in range(len(features)):
+            idx = torch.nonzero(levels == lvl).squeeze(1)
+            parts = max(1, min(threads, idx.numel() // MIN_ROIS_PER_THREAD))
+            jobs += [(lvl, chunk) for chunk in idx.chunk(parts) if chunk.numel()]
+        inference = torch.is_inference_mode_enabled()
+
+        def run(job):
+            lvl, idx = job
+            with torch.inference_mode(inference), torch.no_grad():
+                return roi_align(features[lvl], rois[idx], self.output_size, self.scales[lvl],
+                                 self.sampling_ratio, self.aligned)
+
+        for (_, idx), pooled in zip(jobs, _executor(threads).map(run, jobs)):
+            out[idx] = pooled
+        return out
+
+
+MIN_ROIS_PER_THREAD = 32
+_EXECUTORS: Dict[int, ThreadPoolExecutor] = {}
+
+
+def _executor(threads: int) -> ThreadPoolExecutor:
+    if threads not in _EXECUTORS:
+        _EXECUTORS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="roi_align")
+    return _EXECUTORS[threads]

@@ -59,11 +59,27 @@ def read_weights(weights: str) -> Mapping[str, Any]:
 
 
 def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] = None, *,
-               device: str = "cpu", optimize: bool = True) -> GeneralizedRCNN:
+               device: str = "cpu", optimize: bool = True, runtime: str = "torch",
+               precision: str = "fp32") -> Any:
     """Build the detector of ``config`` (a YAML path, a CfgNode or a zoo name) and load
     ``weights`` (zoo name, URL or path; default ``MODEL.WEIGHTS``), in torchvision's,
     detectron2's or our format. Returns it in eval mode, with frozen BatchNorm folded into
-    the convolutions when ``optimize``."""
+    the convolutions when ``optimize``.
+
+    ``runtime`` "onnxruntime" or "openvino" exports the model to ONNX (once: the file is
+    cached under ``~/.cache/detkit/exported``) and returns it running in that runtime, with
+    the same call convention and ``predict``. ``config`` may also be a directory written by
+    ``tools/export_model.py``. ``precision`` "bf16" runs the convolutions in bf16 (torch and
+    openvino runtimes) and keeps boxes, scores and NMS in float32."""
+    from detection.deploy import RUNTIMES, load_exported, require
+
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if runtime != "torch":
+        require(runtime)
+    if isinstance(config, (str, os.PathLike)) and Path(config, "export.json").is_file():
+        return load_exported(Path(config), None if runtime == "torch" else runtime,
+                             precision=precision)
     if isinstance(config, str) and config in list_detector_weights():
         entry = get_detector_weights(config)
         weights = weights or config
@@ -81,8 +97,18 @@ def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] 
         if isinstance(ckpt.get("metadata"), Mapping) and "class_names" in ckpt["metadata"]:
             model.metadata = Metadata.from_dict(ckpt["metadata"])
     model.eval()
-    if optimize:
-        model.optimize_for_inference()
+    if runtime != "torch":
+        from detection.deploy import export_cached
+
+        return export_cached(model, cfg, weights, runtime=runtime, precision=precision)
+    if not hasattr(model, "optimize_for_inference"):
+        if precision != "fp32":
+            raise ValueError(f"precision {precision!r} is for detectors; a "
+                             f"{type(model).__name__} runs in fp32")
+    elif optimize:
+        model.optimize_for_inference(precision=precision)
+    elif precision != "fp32":
+        raise ValueError(f"precision {precision!r} needs optimize=True")
     return model
 
 

@@ -1,7 +1,6 @@
 """Turning a list of 0-255 RGB images into one normalized, resized, padded batch, and
 mapping detections back to input-image pixels."""
 
-import math
 import random
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -9,6 +8,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .tracing import Size, as_size, is_tracing, size_tensor
 
 RESIZE_MODES = ("torchvision", "detectron2")
 
@@ -66,15 +67,37 @@ def check_targets(targets: Sequence[Dict[str, Tensor]], num_images: int,
                              f"0..{num_classes - 1} (contiguous labels, no background)")
 
 
-def resized_shape(h: int, w: int, min_size: int, max_size: int) -> Tuple[int, int]:
+def _where(cond, a, b):
+    return torch.where(cond, a, b) if isinstance(cond, Tensor) else (a if cond else b)
+
+
+def resized_shape(h: Size, w: Size, min_size: int, max_size: int) -> Tuple[Size, Size]:
     """detectron2's ResizeShortestEdge: shortest edge to ``min_size``, longest capped at
-    ``max_size``, sides rounded half up."""
-    scale = min_size / min(h, w)
-    new_h, new_w = (min_size, scale * w) if h < w else (scale * h, min_size)
-    if max(new_h, new_w) > max_size:
-        scale = max_size / max(new_h, new_w)
-        new_h, new_w = new_h * scale, new_w * scale
+    ``max_size``, sides rounded half up. Python floats in eager mode, the same float64
+    arithmetic in tensors when the sizes are traced."""
+    if isinstance(h, Tensor):
+        h, w = h.to(torch.float64), w.to(torch.float64)
+    scale = min_size / _where(h < w, h, w)
+    new_h = _where(h < w, min_size, scale * h)
+    new_w = _where(h < w, scale * w, min_size)
+    longest = _where(new_h > new_w, new_h, new_w)
+    cap = _where(longest > max_size, max_size / longest, 1.0)
+    new_h, new_w = new_h * cap, new_w * cap
+    if isinstance(new_h, Tensor):
+        return (torch.floor(new_h + 0.5).to(torch.int64),
+                torch.floor(new_w + 0.5).to(torch.int64))
     return int(new_h + 0.5), int(new_w + 0.5)
+
+
+def torchvision_resized_shape(h: Size, w: Size, min_size: int,
+                              max_size: int) -> Tuple[Size, Size]:
+    """torchvision's GeneralizedRCNNTransform resize in eager mode: one scale,
+    ``min(min_size / short, max_size / long)`` in float64, for both sides; each side
+    floored (as ``interpolate``'s ``recompute_scale_factor``)."""
+    hw = size_tensor([h, w], dtype=torch.float64, device=torch.device("cpu"))
+    scale = torch.minimum(min_size / hw.min(), max_size / hw.max())
+    out = torch.floor(hw * scale).to(torch.int64)
+    return as_size(out[0]), as_size(out[1])
 
 
 class Preprocessor(nn.Module):
@@ -132,12 +155,11 @@ class Preprocessor(nn.Module):
     def _resize(self, img: Tensor, min_size: int, max_size: int) -> Tensor:
         h, w = img.shape[-2:]
         if self.resize_mode == "torchvision":
-            scale = min(min_size / min(h, w), max_size / max(h, w))
-            return F.interpolate(img[None], scale_factor=scale, mode="bilinear",
-                                 recompute_scale_factor=True, align_corners=False)[0]
-        size = resized_shape(h, w, min_size, max_size)
-        if size == (h, w):
-            return img
+            size = torchvision_resized_shape(h, w, min_size, max_size)
+        else:
+            size = resized_shape(h, w, min_size, max_size)
+            if not is_tracing() and size == (h, w):
+                return img
         return F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
 
     def forward(
@@ -145,8 +167,9 @@ class Preprocessor(nn.Module):
     ) -> Tuple[Tensor, List[Tuple[int, int]], Optional[List[Dict[str, Tensor]]]]:
         """-> (batch ``(N, 3, H, W)``, per-image resized ``(h, w)`` before padding, targets
         with boxes scaled to the resized images)."""
-        check_images(images)
-        self._warn_if_unit_scale(images)
+        if not is_tracing():
+            check_images(images)
+            self._warn_if_unit_scale(images)
         resize = self.resize_in_train or not self.training
         dtype = self.pixel_mean.dtype
         mean = torch.tensor(self._mean, dtype=dtype, device=self.pixel_mean.device).view(-1, 1, 1)
@@ -163,9 +186,9 @@ class Preprocessor(nn.Module):
                     x = self._resize(x, random.choice(self.min_size_train), self.max_size_train)
                 else:
                     x = self._resize(x, self.min_size_test, self.max_size_test)
-            nh, nw = x.shape[-2:]
+            nh, nw = as_size(x.shape[-2]), as_size(x.shape[-1])
             out.append(x)
-            sizes.append((int(nh), int(nw)))
+            sizes.append((nh, nw))
             if targets is not None:
                 t = dict(targets[i])
                 if (nh, nw) != (h, w):
@@ -180,27 +203,31 @@ class Preprocessor(nn.Module):
     def pad(self, images: Sequence[Tensor]) -> Tensor:
         """Zero-pad ``(3, h_i, w_i)`` images into one ``(N, 3, H, W)`` batch, H and W
         multiples of ``size_divisibility``."""
-        h = max(img.shape[-2] for img in images)
-        w = max(img.shape[-1] for img in images)
-        if self.size_divisibility > 1:
-            d = self.size_divisibility
-            h, w = int(math.ceil(h / d) * d), int(math.ceil(w / d) * d)
+        if len(images) == 1:  # no max() over sizes: stays symbolic under tracing
+            h, w = images[0].shape[-2:]
+        else:
+            h = max(int(img.shape[-2]) for img in images)
+            w = max(int(img.shape[-1]) for img in images)
+        d = max(self.size_divisibility, 1)
+        h, w = (h + d - 1) // d * d, (w + d - 1) // d * d
+        if len(images) == 1:
+            img = images[0]
+            return F.pad(img, (0, w - img.shape[-1], 0, h - img.shape[-2]))[None]
         batch = images[0].new_zeros((len(images), images[0].shape[0], h, w))
         for b, img in zip(batch, images):
             b[:, : img.shape[-2], : img.shape[-1]].copy_(img)
         return batch
 
 
-def rescale_boxes(boxes: Tensor, from_size: Tuple[int, int], to_size: Tuple[int, int],
+def rescale_boxes(boxes: Tensor, from_size: Tuple[Size, Size], to_size: Tuple[Size, Size],
                   clip: bool = True) -> Tensor:
     """Map ``boxes`` ``(N, 4)`` from an image of ``from_size`` (h, w) to one of ``to_size``,
     clipped to the latter."""
     (fh, fw), (th, tw) = from_size, to_size
-    if (fh, fw) != (th, tw):
-        ratio = torch.tensor([tw / fw, th / fh, tw / fw, th / fh], dtype=boxes.dtype,
-                             device=boxes.device)
-        boxes = boxes * ratio
+    if is_tracing() or (fh, fw) != (th, tw):
+        sizes = size_tensor([fw, fh, tw, th], dtype=boxes.dtype, device=boxes.device)
+        boxes = boxes * (sizes[2:] / sizes[:2]).repeat(2)
     if clip:
-        limits = torch.tensor([tw, th, tw, th], dtype=boxes.dtype, device=boxes.device)
+        limits = size_tensor([tw, th, tw, th], dtype=boxes.dtype, device=boxes.device)
         boxes = torch.minimum(boxes.clamp(min=0), limits)
     return boxes

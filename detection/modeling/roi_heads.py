@@ -10,12 +10,20 @@ from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import box_iou
 
 from backbones.fpn import ConvNorm
 from backbones.fused import apply_relu
 
-from .box_ops import BoxCoder, box_sizes, clip_boxes, size_limits, top_k_per_group
+from .box_ops import (
+    BoxCoder,
+    batched_nms,
+    box_sizes,
+    clip_boxes,
+    size_limits,
+    split_per_image,
+    top_k_per_group,
+)
 from .matcher import Matcher, sample_balanced
 from .poolers import ROIPooler
 from .structures import Detections, SampledProposals
@@ -213,15 +221,15 @@ class StandardROIHeads(nn.Module):
                   image_sizes: List[Tuple[int, int]]) -> List[Detections]:
         """logits ``(R, K + 1)``, deltas ``(R, K * 4)`` for the concatenated proposals."""
         n, k = len(proposals), self.num_classes
-        counts = torch.tensor([p.shape[0] for p in proposals], device=logits.device)
-        image_idx = torch.repeat_interleave(torch.arange(n, device=logits.device), counts)
+        image_idx = torch.cat([torch.full_like(p[:, 0], i, dtype=torch.int64)
+                               for i, p in enumerate(proposals)])  # [R]
         props = torch.cat(proposals)
         boxes = self.box_coder.decode(deltas.view(-1, k, 4), props[:, None, :])  # [R, K, 4]
         boxes = clip_boxes(boxes, size_limits(image_sizes, boxes)[image_idx][:, None, :])
         scores = F.softmax(logits, dim=-1)[:, :k]  # [R, K]
+        labels = torch.arange(k, device=logits.device)[None].expand_as(scores).reshape(-1)
+        image_idx = image_idx[:, None].expand_as(scores).reshape(-1)
         boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
-        labels = torch.arange(k, device=logits.device).repeat(props.shape[0])
-        image_idx = image_idx.repeat_interleave(k)
         keep = scores > self.score_thresh
         if self.min_box_size > 0:
             w, h = box_sizes(boxes)
@@ -230,8 +238,7 @@ class StandardROIHeads(nn.Module):
         keep = keep[batched_nms(boxes[keep], scores[keep], image_idx[keep] * k + labels[keep],
                                 self.nms_thresh)]
         keep = keep[top_k_per_group(image_idx[keep], n, self.detections_per_image)]
-        per_image = torch.bincount(image_idx[keep], minlength=n).tolist()
+        image_idx = image_idx[keep]
         return [Detections(boxes=b, scores=s, labels=lb) for b, s, lb in zip(
-            boxes[keep].split(per_image), scores[keep].split(per_image),
-            labels[keep].split(per_image))]
-
+            split_per_image(boxes[keep], image_idx, n), split_per_image(scores[keep], image_idx, n),
+            split_per_image(labels[keep], image_idx, n))]

@@ -5,13 +5,22 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import box_iou
 
 from backbones.fused import apply_relu
 
 from .anchors import AnchorGenerator
-from .box_ops import BoxCoder, box_sizes, clip_boxes, size_limits, top_k_per_group
+from .box_ops import (
+    BoxCoder,
+    batched_nms,
+    box_sizes,
+    clip_boxes,
+    size_limits,
+    split_per_image,
+    top_k_per_group,
+)
 from .matcher import Matcher, sample_balanced
+from .tracing import min_size
 
 LOSS_NORMALIZERS = ("sampled", "batch")
 
@@ -117,17 +126,17 @@ class RPN(nn.Module):
         post_k = self.post_nms_topk[0 if self.training else 1]
         scores, boxes, levels = [], [], []
         for lvl, (a, lg, d) in enumerate(zip(anchors, logits, deltas)):
-            k = min(topk, lg.shape[1])
-            s, idx = lg.detach().topk(k, dim=1)  # [N, k]
-            d = torch.gather(d.detach(), 1, idx[..., None].expand(n, k, 4))
+            s, idx = lg.detach().topk(min_size(topk, lg.shape[1]), dim=1)  # [N, k]
+            d = torch.gather(d.detach(), 1, idx[..., None].expand(-1, -1, 4))
             boxes.append(self.box_coder.decode(d, a[idx]))  # [N, k, 4]
             scores.append(s)
-            levels.append(torch.full((k,), lvl, dtype=torch.int64, device=s.device))
+            levels.append(torch.full_like(s[0], lvl, dtype=torch.int64))
         scores_t, boxes_t = torch.cat(scores, 1), torch.cat(boxes, 1)  # [N, K], [N, K, 4]
-        num_levels, k_all = len(anchors), scores_t.shape[1]
         boxes_t = clip_boxes(boxes_t, size_limits(image_sizes, boxes_t)[:, None, :])
-        image_idx = torch.arange(n, device=scores_t.device).repeat_interleave(k_all)
-        groups = image_idx * num_levels + torch.cat(levels).repeat(n)
+        # [N, K] -> [N * K]: image index, and NMS group (image, level)
+        image_idx = torch.arange(n, device=scores_t.device)[:, None].expand_as(scores_t)
+        groups = image_idx * len(anchors) + torch.cat(levels)[None].expand_as(scores_t)
+        image_idx, groups = image_idx.reshape(-1), groups.reshape(-1)
         boxes_t, scores_t = boxes_t.reshape(-1, 4), scores_t.reshape(-1)
         w, h = box_sizes(boxes_t)
         valid = (w > self.min_box_size) & (h > self.min_box_size) & torch.isfinite(scores_t)
@@ -135,8 +144,7 @@ class RPN(nn.Module):
         keep = valid_idx[batched_nms(boxes_t[valid_idx], scores_t[valid_idx],
                                      groups[valid_idx], self.nms_thresh)]
         keep = keep[top_k_per_group(image_idx[keep], n, post_k)]
-        counts = torch.bincount(image_idx[keep], minlength=n).tolist()
-        return list(boxes_t[keep].split(counts))
+        return split_per_image(boxes_t[keep], image_idx[keep], n)
 
     def _losses(self, anchors: Tensor, logits: Tensor, deltas: Tensor,
                 gt_boxes: List[Tensor]) -> Dict[str, Tensor]:

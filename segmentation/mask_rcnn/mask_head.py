@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from detection.modeling.poolers import ROIPooler
 from detection.modeling.roi_heads import conv_stack
 from detection.modeling.structures import Detections, SampledProposals
+from detection.modeling.tracing import is_tracing
 
 from .targets import mask_targets
 
@@ -100,13 +101,16 @@ class MaskRCNNHead(nn.Module):
         """Set each detection's ``masks``: the sigmoid of its class's logits, ``(N, 1, M, M)``
         (pasted into the image by the model, once the boxes are in input pixels)."""
         boxes = [d.boxes for d in detections]
-        if sum(b.shape[0] for b in boxes) == 0:
+        if not is_tracing() and sum(b.shape[0] for b in boxes) == 0:
             m = self.resolution
             for d in detections:
                 d.masks = d.boxes.new_zeros((0, 1, m, m))
             return detections
         logits = self._logits(features, boxes)
         probs = self._select(logits, torch.cat([d.labels for d in detections])).sigmoid()
+        if len(detections) == 1:
+            detections[0].masks = probs[:, None]
+            return detections
         for d, p in zip(detections, probs.split([b.shape[0] for b in boxes])):
             d.masks = p[:, None]
         return detections

@@ -3,9 +3,11 @@ into the input images once the boxes are mapped back to input pixels."""
 
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor
 
 from detection.modeling.faster_rcnn import GeneralizedRCNN
+from detection.modeling.precision import check_precision, run_in
 from detection.modeling.preprocess import Preprocessor
 
 from .paste import PASTE_MODES, paste_masks
@@ -70,3 +72,16 @@ class MaskRCNN(GeneralizedRCNN):
             res["masks"] = probs[:, None]
             res["binary_masks"] = probs >= self.mask_threshold
         return out
+
+    def optimize_for_inference(self, channels_last: bool = True, fuse: bool = True,
+                               precision: str = "fp32") -> "MaskRCNN":
+        """As the detector's; with "bf16" the mask head's convs and deconvolution run in bf16
+        too, its per-class predictor in float32."""
+        super().optimize_for_inference(channels_last, fuse, precision)
+        dtype = check_precision(precision)
+        if dtype != torch.float32:
+            head = self.roi_heads.mask_head
+            for i, conv in enumerate(head.convs):
+                head.convs[i] = run_in(conv, dtype, output_dtype=dtype)
+            head.deconv = run_in(head.deconv, dtype, output_dtype=torch.float32)
+        return self

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from detection.modeling.tracing import as_size, is_tracing
+
 PASTE_MODES = ("torchvision", "detectron2")
 
 
@@ -93,9 +95,9 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int], *,
         raise ValueError(f"masks must be (N, M, M) or (N, 1, M, M), got {tuple(masks.shape)}")
     if boxes.shape != (masks.shape[0], 4):
         raise ValueError(f"boxes must be ({masks.shape[0]}, 4), got {tuple(boxes.shape)}")
-    h, w = int(image_size[0]), int(image_size[1])
-    n, size = masks.shape[0], masks.shape[-1]
-    if n == 0:
+    h, w = as_size(image_size[0]), as_size(image_size[1])
+    n, size = masks.shape[0], int(masks.shape[-1])
+    if not is_tracing() and n == 0:
         return masks.new_zeros((0, h, w))
     if mode == "torchvision":
         masks = F.pad(masks, (1, 1, 1, 1))

@@ -1,0 +1,190 @@
+"""Every CPU runtime a user would pick, on the same weights and image, in one process:
+torchvision eager, torchvision's model exported to ONNX Runtime and OpenVINO, and ours in
+torch (fp32, bf16), ONNX Runtime and OpenVINO (fp32, bf16).
+
+    python benchmarks/bench_runtimes.py [--model faster|mask] [--runs 5] [--threads 2]
+
+Weights: torchvision's R50-FPN with random weights, calibrated BatchNorm statistics and heads
+lively enough that detections pass the 0.05 score threshold (at threshold 0 NMS over ~90k
+boxes would dominate every runtime); ours converted from them. One 800x1067 image. The rows
+run round-robin, one call each per round, and the table gives the median seconds, the ratio
+to torchvision eager, CPU time over wall time, and each row's agreement with torchvision
+eager: the share of its detections reproduced with the same label, IoU > 0.99 and score within
+1e-3 ("strict"), and with IoU > 0.95 and score within 0.02 (the bf16 bar).
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_faster_rcnn import image, lively_reference  # noqa: E402
+
+from detection.deploy import export_model, load_exported  # noqa: E402
+from detection.deploy.agreement import compare_detections  # noqa: E402
+from detection.deploy.runtimes import require  # noqa: E402
+from detection.modeling.convert import load_state_dict  # noqa: E402
+
+
+class TorchvisionGraph(torch.nn.Module):
+    """torchvision's detector on one 0-255 image, returning a tuple (for export)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, img: torch.Tensor):
+        out = self.model([img / 255])[0]
+        keys = ("boxes", "scores", "labels", "masks") if "masks" in out else \
+            ("boxes", "scores", "labels")
+        return tuple(out[k] for k in keys)
+
+
+def torchvision_onnx(ref: torch.nn.Module, img: torch.Tensor, path: Path, masks: bool) -> None:
+    names = ["boxes", "scores", "labels"] + (["masks"] if masks else [])
+    axes = {"image": {1: "h", 2: "w"}, **{n: {0: "n"} for n in names}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TorchvisionGraph(ref), (img,), str(path), dynamo=False,
+                          opset_version=17, input_names=["image"], output_names=names,
+                          dynamic_axes=axes)
+
+
+class Session:
+    """An ONNX file run in ONNX Runtime or OpenVINO, returning the result dict."""
+
+    def __init__(self, path: Path, runtime: str, names, precision: str = "f32",
+                 threads: int = 0) -> None:
+        self.names, threads = names, threads or torch.get_num_threads()
+        if runtime == "onnxruntime":
+            ort = require("onnxruntime")
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.intra_op_num_threads = threads
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.run = lambda x: sess.run(None, {"image": x})
+        else:
+            ov = require("openvino")
+            config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+            if precision:  # None: OpenVINO's own default (bf16 on CPUs that have it)
+                config["INFERENCE_PRECISION_HINT"] = precision
+            compiled = ov.Core().compile_model(str(path), "CPU", config)
+            request = compiled.create_infer_request()
+
+            def run(x):
+                request.infer({0: x})
+                return [request.get_output_tensor(i).data.copy() for i in range(len(names))]
+
+            self.run = run
+
+    def __call__(self, images):
+        arrays = self.run(np.ascontiguousarray(images[0].numpy()))
+        return [{n: torch.from_numpy(np.asarray(a)) for n, a in zip(self.names, arrays)}]
+
+
+def build(kind: str, img: torch.Tensor):
+    """(torchvision reference, our plain model) with the same weights."""
+    if kind == "mask":
+        from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+        from segmentation.config import load_config
+        from segmentation.mask_rcnn import build_mask_rcnn, torchvision_to_ours
+
+        ref = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
+        with torch.no_grad():
+            torch.nn.init.normal_(ref.roi_heads.mask_predictor.mask_fcn_logits.weight, std=0.05)
+        ref = lively_reference(ref, img)
+        cfg = load_config(Path(__file__).resolve().parents[1]
+                          / "configs/torchvision/maskrcnn_resnet50_fpn.yaml")
+        cfg.MODEL.BACKBONE.WEIGHTS = ""
+        ours = build_mask_rcnn(cfg)
+        load_state_dict(ours, torchvision_to_ours(ref.state_dict()))
+        return ref, ours.eval()
+    from bench_faster_rcnn import ours_from
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    ref = lively_reference(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval(),
+                           img)
+    return ref, ours_from(ref).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("faster", "mask"), default="faster")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--skip", nargs="*", default=[], help="row names to leave out")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    img = image()
+    ref, plain = build(args.model, img)
+    masks = args.model == "mask"
+    names = ["boxes", "scores", "labels"] + (["masks"] if masks else [])
+    tmp = Path(tempfile.mkdtemp(prefix="bench_runtimes_"))
+    print(f"exporting into {tmp} ...", flush=True)
+    torchvision_onnx(ref, img, tmp / "torchvision.onnx", masks)
+    export_model(plain, tmp / "ours", "onnx")
+
+    def ours(precision: str):
+        import copy
+
+        return copy.deepcopy(plain).optimize_for_inference(precision=precision)
+
+    rows = {
+        "torchvision eager": (lambda: ref([img / 255]), 1),
+        "torchvision -> ONNX Runtime": (Session(tmp / "torchvision.onnx", "onnxruntime", names), 0),
+        "torchvision -> OpenVINO f32": (Session(tmp / "torchvision.onnx", "openvino", names), 0),
+        "torchvision -> OpenVINO default (bf16)":
+            (Session(tmp / "torchvision.onnx", "openvino", names, precision=None), 0),
+        "ours, torch fp32": (ours("fp32"), 0),
+        "ours, torch bf16": (ours("bf16"), 0),
+        "ours -> ONNX Runtime": (load_exported(tmp / "ours", "onnxruntime"), 0),
+        "ours -> OpenVINO f32": (load_exported(tmp / "ours", "openvino"), 0),
+        "ours -> OpenVINO bf16": (load_exported(tmp / "ours", "openvino", precision="bf16"), 0),
+    }
+    rows = {k: v for k, v in rows.items() if k not in args.skip}
+    calls = {}
+    for name, (model, is_ref) in rows.items():
+        calls[name] = model if is_ref else (lambda m=model: m([img]))
+    with torch.inference_mode():
+        expected = ref([img / 255])[0]
+        outputs = {name: fn()[0] for name, fn in calls.items()}  # also the warm-up
+        wall = {name: [] for name in calls}
+        cpu = {name: [] for name in calls}
+        for _ in range(args.runs):
+            for name, fn in calls.items():
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn()
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    t_ref = statistics.median(wall["torchvision eager"])
+    print(f"\n{args.model} R-CNN R50-FPN, 800x1067, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, median of {args.runs} round-robin runs; "
+          f"torchvision eager finds {expected['boxes'].shape[0]} detections\n")
+    print("| runtime | median s | ratio | CPU/wall | agreement strict | agreement bf16 bar |")
+    print("|---|---|---|---|---|---|")
+    for name in calls:
+        t = statistics.median(wall[name])
+        ratio_cpu = statistics.median(c / w for c, w in zip(cpu[name], wall[name]))
+        offset = 0 if name.startswith("torchvision") else 1
+        strict = compare_detections(expected, outputs[name], label_offset=offset)
+        loose = compare_detections(expected, outputs[name], label_offset=offset, iou=0.95,
+                                   score_tol=0.02)
+        print(f"| {name} | {t:.3f} | {t / t_ref:.2f} | {ratio_cpu:.2f} | "
+              f"{strict.fraction:.1%} | {loose.fraction:.1%} |")
+
+
+if __name__ == "__main__":
+    main()

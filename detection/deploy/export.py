@@ -1,0 +1,201 @@
+"""Exporting a detector (Faster R-CNN or Mask R-CNN, FPN or C4) to ONNX, TorchScript or
+OpenVINO IR, as one graph from an RGB image to detections in that image's pixels.
+
+The graph is traced from the plain model (no fused oneDNN ops, no bf16): the model's code
+keeps image sizes symbolic under tracing (``detection.modeling.tracing``), so resizing,
+normalization, padding, anchors, proposals, RoI pooling, NMS, the mapping of boxes back to
+input pixels and the pasting of masks are all inside the graph, and the graph runs on any
+image size.
+
+    graph input   image   (3, H, W) float32, RGB, 0-255
+    graph outputs boxes   (N, 4) float32, xyxy in the input's pixels
+                  scores  (N,) float32
+                  labels  (N,) int64, contiguous 0..K-1 (names in export.json)
+                  masks   (N, 1, H, W) float32 mask probabilities (Mask R-CNN only)
+
+Next to the model file, ``export.json`` records the format, the outputs, the class names and
+dataset category ids, the mask threshold and the agreement check that the exporter ran.
+"""
+
+import json
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+FORMATS = ("onnx", "torchscript", "openvino")
+MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt", "openvino": "model.xml"}
+OPSET = 17
+
+
+class UnsupportedExportError(ValueError):
+    """The model holds a part that the chosen format cannot represent."""
+
+
+class SingleImageGraph(nn.Module):
+    """What is exported: the detector on one image, returning a tuple of tensors."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
+        out = self.model([image])[0]
+        outputs = (out["boxes"], out["scores"], out["labels"])
+        return outputs + (out["masks"],) if "masks" in out else outputs
+
+
+@dataclass
+class ExportInfo:
+    """The contents of ``export.json``."""
+
+    format: str
+    model_file: str
+    outputs: List[str]
+    class_names: List[str]
+    category_ids: List[int]
+    mask_threshold: float = 0.5
+    source: Dict[str, str] = field(default_factory=dict)
+    check: Dict[str, Any] = field(default_factory=dict)
+
+    def save(self, directory: Path) -> None:
+        (directory / "export.json").write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> "ExportInfo":
+        path = Path(directory) / "export.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {directory} is not a directory written "
+                                    "by tools/export_model.py")
+        return cls(**json.loads(path.read_text()))
+
+
+def unsupported_parts(model: nn.Module, fmt: str) -> List[str]:
+    """Names of the modules of ``model`` that ``fmt`` cannot represent (empty: exportable)."""
+    bad = []
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if fmt in ("onnx", "openvino") and kind == "DeformConv2d":
+            bad.append(f"{name} (deformable convolution: torchvision's deform_conv2d has no "
+                       "ONNX export; use --format torchscript)")
+        if kind in ("FusedConv2d", "FusedLinear", "FusedBlock", "FusedStem"):
+            bad.append(f"{name} (fused oneDNN op: export the plain model, load_model(..., "
+                       "optimize=False))")
+    if not hasattr(model, "roi_heads"):
+        bad.append(f"the model ({type(model).__name__}): export covers Faster R-CNN and "
+                   "Mask R-CNN")
+    return bad
+
+
+def _output_names(model: nn.Module) -> List[str]:
+    names = ["boxes", "scores", "labels"]
+    if getattr(model.roi_heads, "mask_head", None) is not None:
+        names.append("masks")
+    return names
+
+
+def sample_image(height: int, width: int, seed: int = 0) -> Tensor:
+    """A textured ``(3, H, W)`` 0-255 float image to trace and check with."""
+    from detection.modeling.calibration import textured_image
+
+    return textured_image(height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def _trace(graph: SingleImageGraph, image: Tensor) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings for sizes that are model constants
+        return torch.jit.trace(graph, (image,), check_trace=False)
+
+
+def _write_onnx(graph: SingleImageGraph, image: Tensor, path: Path,
+                outputs: List[str]) -> None:
+    axes = {"image": {1: "height", 2: "width"}}
+    axes.update({name: {0: "detections"} for name in outputs})
+    if "masks" in outputs:
+        axes["masks"] = {0: "detections", 2: "height", 3: "width"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, (image,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=["image"], output_names=outputs, dynamic_axes=axes,
+                          do_constant_folding=True)
+
+
+def _write_openvino(graph: SingleImageGraph, image: Tensor, path: Path,
+                    outputs: List[str]) -> None:
+    from .runtimes import require
+
+    ov = require("openvino")
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        _write_onnx(graph, image, onnx_path, outputs)
+        ov_model = ov.convert_model(str(onnx_path))
+        # Weights stay float32 (save_model would store them as fp16 by default).
+        ov.save_model(ov_model, str(path), compress_to_fp16=False)
+
+
+@torch.no_grad()
+def export_model(model: nn.Module, output_dir: Path, fmt: str, *,
+                 trace_size: Tuple[int, int] = (480, 640),
+                 source: Optional[Dict[str, str]] = None) -> ExportInfo:
+    """Write ``model`` (eval mode, plain, float32) in ``fmt`` into ``output_dir``, with its
+    ``export.json``; returns the info written (without the check: see ``check_export``)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+    bad = unsupported_parts(model, fmt)
+    if bad:
+        raise UnsupportedExportError(f"cannot export to {fmt}: " + "; ".join(bad))
+    model = model.eval().float()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    outputs = _output_names(model)
+    graph = SingleImageGraph(model).eval()
+    image = sample_image(*trace_size)
+    path = output_dir / MODEL_FILES[fmt]
+    if fmt == "onnx":
+        _write_onnx(graph, image, path, outputs)
+    elif fmt == "openvino":
+        _write_openvino(graph, image, path, outputs)
+    else:
+        _trace(graph, image).save(str(path))
+    meta = model.metadata
+    info = ExportInfo(format=fmt, model_file=path.name, outputs=outputs,
+                      class_names=list(meta.class_names),
+                      category_ids=[int(i) for i in meta.category_ids],
+                      mask_threshold=float(getattr(model, "mask_threshold", 0.5)),
+                      source=dict(source or {}))
+    info.save(output_dir)
+    return info
+
+
+@torch.no_grad()
+def check_export(model: nn.Module, output_dir: Path, *,
+                 sizes: Tuple[Tuple[int, int], ...] = ((480, 640), (427, 301))
+                 ) -> Dict[str, Any]:
+    """Run the export in ``output_dir`` on sample images of ``sizes`` (the traced size and
+    another) and compare it with ``model`` in eager mode; store the agreement in its
+    ``export.json`` and return it."""
+    from .agreement import compare_detections
+    from .runtimes import load_exported
+
+    output_dir = Path(output_dir)
+    deployed = load_exported(output_dir)
+    model = model.eval()
+    per_image = []
+    for i, (h, w) in enumerate(sizes):
+        image = sample_image(h, w, seed=i + 1)
+        agreement = compare_detections(model([image])[0], deployed([image])[0])
+        per_image.append({"size": [h, w], "agreement": str(agreement),
+                          "fraction": agreement.fraction, "reference": agreement.reference,
+                          "max_box_diff": agreement.max_box_diff,
+                          "max_score_diff": agreement.max_score_diff,
+                          "max_mask_diff": agreement.max_mask_diff})
+    check = {"runtime": deployed.runtime, "images": per_image,
+             "fraction": min(r["fraction"] for r in per_image)}
+    info = ExportInfo.load(output_dir)
+    info.check = check
+    info.save(output_dir)
+    return check

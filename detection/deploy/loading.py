@@ -1,0 +1,45 @@
+"""What the inference tools (demo, evaluation, submission) load: a model in the runtime and
+precision that the command line or the config's ``TEST.RUNTIME`` / ``TEST.PRECISION`` name."""
+
+from pathlib import Path
+from typing import Any, Optional, Tuple
+
+
+def is_export_dir(path: str) -> bool:
+    return Path(path, "export.json").is_file()
+
+
+def load_for_inference(config: Optional[str], weights: str, *, runtime: Optional[str] = None,
+                       precision: Optional[str] = None,
+                       cfg: Optional[Any] = None) -> Tuple[Any, Optional[Any]]:
+    """-> (model, config). ``weights`` may be a directory written by
+    ``tools/export_model.py`` (then the config is None and the runtime defaults to the
+    export's own); otherwise ``config`` (a name or path, default: the one stored in the
+    checkpoint) decides, and ``runtime`` / ``precision`` default to its ``TEST.RUNTIME`` /
+    ``TEST.PRECISION``. ``cfg`` is the defaults tree to merge into (segmentation's for its
+    models)."""
+    from detection.engine.loading import inference_config
+    from detection.modeling.predictor import load_model
+
+    if is_export_dir(weights):
+        return load_model(weights, runtime=runtime or "torch",
+                          precision=precision or "fp32"), None
+    cfg = inference_config(config, weights, cfg=cfg)
+    model = load_model(cfg, weights, runtime=runtime or cfg.TEST.RUNTIME,
+                       precision=precision or cfg.TEST.PRECISION)
+    return model, cfg
+
+
+def load_for_evaluation(cfg: Any) -> Any:
+    """The model ``--eval-only`` evaluates: ``MODEL.WEIGHTS`` in ``TEST.RUNTIME`` at
+    ``TEST.PRECISION``. For torch and fp32 that is the plain eager model, the one training
+    evaluates."""
+    from detection.engine.loading import build_model_from_cfg, load_weights
+    from detection.modeling.predictor import load_model
+
+    runtime, precision = cfg.TEST.RUNTIME, cfg.TEST.PRECISION
+    if runtime == "torch" and precision == "fp32":
+        model = build_model_from_cfg(cfg)
+        load_weights(model, cfg.MODEL.WEIGHTS)
+        return model
+    return load_model(cfg, cfg.MODEL.WEIGHTS, runtime=runtime, precision=precision)

@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Export a Faster R-CNN or Mask R-CNN (FPN or C4) to ONNX, TorchScript or OpenVINO IR.
+
+    python tools/export_model.py --weights output/faster_rcnn_r18_fpn_shapes/model_final.pth \\
+        --format onnx --output exported/shapes_onnx
+    python tools/export_model.py --config torchvision/fasterrcnn_resnet50_fpn.yaml \\
+        --weights torchvision/fasterrcnn_resnet50_fpn.coco_v1 --format openvino --output ov/
+    python tools/demo.py --weights exported/shapes_onnx --input img.jpg      # runs the export
+
+The exported graph takes one RGB image (3, H, W), float32 on a 0-255 scale, of any size, and
+returns boxes (N, 4) in its pixels, scores, labels (and masks (N, 1, H, W) for Mask R-CNN):
+resizing, normalization and the mapping back to input pixels are inside it. After writing,
+the tool runs the file on two sample images, compares it with the eager model and prints the
+agreement (also stored in OUTPUT/export.json).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from detection.deploy import FORMATS, check_export, export_model
+from detection.engine.loading import inference_config
+from detection.modeling.predictor import load_model
+from segmentation.config import get_cfg  # the full tree; registers segmentation's models
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="config (default: the checkpoint's)")
+    parser.add_argument("--weights", required=True, help="checkpoint path, URL or zoo name")
+    parser.add_argument("--format", choices=FORMATS, required=True)
+    parser.add_argument("--output", type=Path, required=True, help="folder to write into")
+    parser.add_argument("--trace-size", type=int, nargs=2, default=(480, 640),
+                        metavar=("H", "W"), help="size of the sample image traced")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip running the export against the eager model")
+    args = parser.parse_args(argv)
+
+    cfg = inference_config(args.config, args.weights, cfg=get_cfg())
+    model = load_model(cfg, args.weights, optimize=False)
+    info = export_model(model, args.output, args.format, trace_size=tuple(args.trace_size),
+                        source={"weights": args.weights, "config": args.config or ""})
+    print(f"wrote {args.output / info.model_file} ({args.format}; outputs "
+          f"{', '.join(info.outputs)}; {len(info.class_names)} classes)")
+    if not args.no_check:
+        check = check_export(model, args.output)
+        for result in check["images"]:
+            h, w = result["size"]
+            print(f"check in {check['runtime']} on a {h}x{w} image: {result['agreement']}")
+        if check["fraction"] < 0.99:
+            print("warning: the export reproduces fewer than 99% of the eager detections",
+                  file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
