@@ -81,9 +81,13 @@ class AnchorGenerator(nn.Module):
 
     def forward(self, features: Sequence[Tensor], padded_size: Tuple[int, int]) -> List[Tensor]:
         """Per level, anchors ``(H_l * W_l * A_l, 4)``, location-major then anchor index, for
-        feature maps ``(N, C, H_l, W_l)`` of a batch padded to ``padded_size`` (h, w)."""
+        feature maps ``(N, C, H_l, W_l)`` of a batch padded to ``padded_size`` (h, w); float32
+        (float64 for float64 features)."""
         sizes = [tuple(f.shape[-2:]) for f in features]
-        like = features[0]
+        # anchors in float32 at least: features of a bf16 backbone would round the anchor
+        # coordinates to a pixel or two
+        like = features[0].new_empty((), dtype=torch.promote_types(features[0].dtype,
+                                                                    torch.float32))
         tracing = is_tracing()  # traced sizes are tensors: compute, never cache
         key = (tuple(sizes), tuple(padded_size), like.device, like.dtype)
         cached = None if tracing else self._cache.get(key)
