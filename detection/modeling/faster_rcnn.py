@@ -11,7 +11,7 @@ from backbones.fpn import ConvNorm
 from backbones.fused import FusedConv2d, FusedLinear, fuse_conv_relu
 
 from .metadata import Metadata
-from .precision import Cast, check_precision, run_in
+from .precision import Cast, check_precision
 from .preprocess import Preprocessor, check_targets, rescale_boxes
 from .roi_heads import StandardROIHeads
 from .rpn import RPN
@@ -82,8 +82,8 @@ class GeneralizedRCNN(nn.Module):
         blocks, the FPN and the box head, and use the channels-last layout; with ``fuse``,
         also apply each ReLU and residual add inside its convolution or linear layer
         (oneDNN post-ops, CPU float32; other devices take the plain path). ``precision``
-        "bf16" runs the backbone and the box head in bf16 and the rest in
-        float32 (see ``precision.py``). Inference only: the folded model cannot train its
+        "bf16" runs the backbone (ResNet and FPN) in bf16 and the heads in float32
+        (see ``precision.py``). Inference only: the folded model cannot train its
         norms any more. Returns the model."""
         dtype = check_precision(precision)
         self.eval()
@@ -102,14 +102,10 @@ class GeneralizedRCNN(nn.Module):
             for i, fc in enumerate(fcs):
                 if type(fc) is nn.Linear:
                     fcs[i] = FusedLinear(fc, relu=True)
-        if dtype != torch.float32:
+        if dtype != torch.float32:  # the backbone in bf16, the heads in float32
             self.backbone.to(dtype)
-            # the RPN head stays float32 (measured: a bf16 RPN conv lost 11% of a briefly
-            # trained shapes model's detections, bf16 body and FPN 1.4%)
             self.rpn.head = Cast(self.rpn.head, input_dtype=torch.float32,
                                  output_dtype=torch.float32)
-            self.roi_heads.box_head = run_in(self.roi_heads.box_head, dtype,
-                                             output_dtype=torch.float32)
         self.precision, self._input_dtype = precision, dtype
         self._channels_last = channels_last or dtype != torch.float32
         if self._channels_last:

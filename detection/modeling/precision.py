@@ -1,12 +1,16 @@
-"""bf16 inference that keeps the detections: the convolutions and the box head's fully
-connected layers in bf16, everything that makes the final numbers in float32.
+"""bf16 inference that keeps the detections: the backbone's convolutions in bf16, everything
+that makes the final numbers in float32.
 
-In bf16: the backbone (ResNet and FPN), the box head (FCs, or res5 in C4) and the mask head's
-convs. In float32: the RPN head (measured on a briefly trained shapes model: with its 3x3 conv
-in bf16, 11% of the detections moved, against 1.4% for a bf16 backbone), anchors, the decoding
-of every box delta, the RPN's top-k and NMS, RoIAlign (torchvision's CPU kernel has no bf16),
-the box predictor (class scores and the final box regression), the score softmax, the final
-NMS, the rescaling of boxes to the input image and the mask predictor and pasting.
+In bf16: the backbone (ResNet and FPN: 120 of the R50-FPN detector's 178 G multiply-adds) and
+the mask head's convs. In float32: the RPN head, anchors, the decoding of every box delta, the
+RPN's top-k and NMS, RoIAlign (torchvision's CPU kernel has no bf16), the box head and
+predictor (class scores and the final box regression), the score softmax, the final NMS, the
+rescaling of boxes to the input image, and the mask predictor and pasting.
+
+Measured on the trained shapes default (250 val images, detections scoring >= 0.07, kept when
+the same label, IoU > 0.95 and score within 0.02 come back): this split keeps 99.03%; with the
+box head in bf16 too, 98.96%; with the RPN head in bf16 too, 97.7% (20 images); with the
+anchors computed in the features' bf16 (a bug, fixed), 89%.
 """
 
 from typing import Any, Sequence

@@ -76,7 +76,7 @@ class MaskRCNN(GeneralizedRCNN):
     def optimize_for_inference(self, channels_last: bool = True, fuse: bool = True,
                                precision: str = "fp32") -> "MaskRCNN":
         """As the detector's; with "bf16" the mask head's convs and deconvolution run in bf16
-        too, its per-class predictor in float32."""
+        too, its per-class predictor in float32 (RoIAlign hands them float32 features)."""
         super().optimize_for_inference(channels_last, fuse, precision)
         dtype = check_precision(precision)
         if dtype != torch.float32:
