@@ -54,7 +54,7 @@ def torchvision_onnx(ref: torch.nn.Module, img: torch.Tensor, path: Path, masks:
     axes = {"image": {1: "h", 2: "w"}, **{n: {0: "n"} for n in names}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(TorchvisionGraph(ref), (img,), str(path), dynamo=False,
+        torch.onnx.export(TorchvisionGraph(ref).eval(), (img,), str(path), dynamo=False,
                           opset_version=17, input_names=["image"], output_names=names,
                           dynamic_axes=axes)
 

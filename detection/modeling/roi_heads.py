@@ -233,7 +233,7 @@ class StandardROIHeads(nn.Module):
         keep = scores > self.score_thresh
         if self.min_box_size > 0:
             w, h = box_sizes(boxes)
-            keep &= (w >= self.min_box_size) & (h >= self.min_box_size)
+            keep = keep & (w >= self.min_box_size) & (h >= self.min_box_size)
         keep = torch.nonzero(keep).squeeze(1)
         keep = keep[batched_nms(boxes[keep], scores[keep], image_idx[keep] * k + labels[keep],
                                 self.nms_thresh)]

@@ -24,7 +24,8 @@ SMALL = ["INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "400",
          "MODEL.RPN.PRE_NMS_TOPK_TEST", "300", "MODEL.RPN.POST_NMS_TOPK_TEST", "100"]
 CONFIGS = {
     "fpn": ("faster_rcnn_r18_fpn_shapes.yaml", ["MODEL.FPN.OUT_CHANNELS", "64",
-                                                 "MODEL.ROI_BOX_HEAD.FC_DIM", "128"]),
+                                                 "MODEL.ROI_BOX_HEAD.FC_DIM", "128",
+                                                 "MODEL.ROI_HEADS.MIN_BOX_SIZE", "0.01"]),
     "mask": ("mask_rcnn_r18_fpn_shapes.yaml", ["MODEL.FPN.OUT_CHANNELS", "64"]),
     "c4": ("faster_rcnn_r50_c4.yaml", ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.NORM", "BN",
                                        "MODEL.RESNETS.STRIDE_IN_1X1", "False",
