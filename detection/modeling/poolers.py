@@ -80,7 +80,11 @@ class ROIPooler(nn.Module):
             return self._pool_in_threads(features, rois, levels, out)
         for lvl, (feat, scale) in enumerate(zip(features, self.scales)):
             idx = torch.nonzero(levels == lvl).squeeze(1)
-            if idx.numel() or is_tracing():  # (traced: no branch on the data)
+            if is_tracing():  # no branch on the data, and a scatter whatever idx's size
+                pooled = roi_align(feat, rois[idx], self.output_size, scale,
+                                   self.sampling_ratio, self.aligned).to(out.dtype)
+                out = out.scatter(0, idx.view(-1, 1, 1, 1).expand(-1, *out.shape[1:]), pooled)
+            elif idx.numel():
                 out[idx] = roi_align(feat, rois[idx], self.output_size, scale,
                                      self.sampling_ratio, self.aligned).to(out.dtype)
         return out
