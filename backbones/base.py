@@ -16,14 +16,11 @@ class Backbone(nn.Module):
 
     Subclasses set ``self._out_shapes`` (name -> ShapeSpec, in output order) and may set
     ``size_divisibility`` (inputs padded to a multiple of it give aligned feature maps).
-    ``pixel_mean``/``pixel_std`` (0-255 scale) and ``input_format`` ("RGB" or "BGR") describe
-    the normalization the weights were trained with; detectors read them.
+    The normalization its weights expect is the weights' metadata (``backbones.WEIGHTS``);
+    detectors take it from their config.
     """
 
     size_divisibility: int = 0
-    input_format: str = "RGB"
-    pixel_mean = IMAGENET_MEAN_RGB
-    pixel_std = IMAGENET_STD_RGB
 
     def __init__(self) -> None:
         super().__init__()

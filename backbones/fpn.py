@@ -128,8 +128,6 @@ class FPN(Backbone):
         self._level_names = names
         self._out_shapes = out_shapes
         self.size_divisibility = strides[-1]
-        self.input_format = bottom_up.input_format
-        self.pixel_mean, self.pixel_std = bottom_up.pixel_mean, bottom_up.pixel_std
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         bottom = self.bottom_up(x)

@@ -4,7 +4,7 @@ that never runs code from a file, and a loader that converts names and reports w
     from backbones import list_weights, resnet50
     list_weights("resnet50")            # ['detectron2/R-50', 'timm/resnet50.a1_in1k', ...]
     body = resnet50(weights="detectron2/R-50")     # caffe style, BGR, std 1
-    body.input_format, body.pixel_mean             # ('BGR', (103.53, 116.28, 123.675))
+    WEIGHTS["detectron2/R-50"].pixel_mean         # (103.53, 116.28, 123.675), BGR
 
     registry.py     WeightsSpec and the named checkpoints (WEIGHTS, list_weights)
     download.py     torch.hub cache, sha256 check, the offline error

@@ -5,16 +5,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Union
+from typing import List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..base import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from ..convert import StateDict, convert_to_ours
 from .checkpoint import read_checkpoint, select_body
 from .download import download_weights
-from .registry import MSRA_MEAN_BGR, MSRA_STD_BGR, WEIGHTS, WeightsSpec
+from .registry import WEIGHTS, WeightsSpec
 from .resolve import guess_arch, is_url, resolve_weights, unknown_name
 
 logger = logging.getLogger(__name__)
@@ -92,9 +91,8 @@ def load_pretrained(
     headless backbone, stages after its last output) are reported as unexpected and skipped.
     With ``strict``, an unexpected key inside a part the model has (say res4.6 of a ResNet-101
     file in a ResNet-50), or a missing key other than BN counters and deformable offsets,
-    raises ValueError. Sets ``model.input_format``,
-    ``pixel_mean`` and ``pixel_std`` from the spec (given, registered or inferred). Returns a
-    LoadReport, also logged.
+    raises ValueError. The normalization the weights expect is in their spec (the registry's
+    ``WeightsSpec``), not on the model. Returns a LoadReport, also logged.
     """
     weights = os.fspath(weights)
     if spec is None:
@@ -126,27 +124,24 @@ def load_pretrained(
             f"[{_short(bad_missing)}], unexpected keys [{_short(bad_unexpected)}] "
             f"(checkpoint names read as {fmt}); pass strict=False to load the rest"
         )
-    _set_normalization(model, spec, fmt, meta)
+    _check_style(model, spec, fmt)
     logger.info("%s", report)
     return report
 
 
-def _set_normalization(model: nn.Module, spec: Optional[WeightsSpec], fmt: str,
-                       meta: Mapping[str, Any]) -> None:
-    if spec is None and fmt == "caffe2":
-        spec_like = ("BGR", MSRA_MEAN_BGR, MSRA_STD_BGR, "caffe")
-    elif spec is None and fmt in ("torchvision", "timm"):
-        spec_like = ("RGB", IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, "pytorch")
-    elif spec is not None:
-        spec_like = (spec.input_format, spec.pixel_mean, spec.pixel_std, spec.style)
+def _check_style(model: nn.Module, spec: Optional[WeightsSpec], fmt: str) -> None:
+    """Warn when the weights' stride layout differs from the model's (the shapes fit, the
+    features will not). Normalization is not the backbone's to hold: the registry's spec
+    (``WEIGHTS[name].pixel_mean`` ...) describes it, and detectors take it from their
+    config (``MODEL.PIXEL_MEAN`` / ``PIXEL_STD`` / ``INPUT_FORMAT``)."""
+    if spec is not None:
+        style = spec.style
+    elif fmt == "caffe2":
+        style = "caffe"
+    elif fmt in ("torchvision", "timm"):
+        style = "pytorch"
     else:
-        logger.info("normalization of these weights is unknown (%s names, author %r); the "
-                    "model keeps its pixel mean/std", fmt, meta.get("__author__"))
         return
-    input_format, mean, std, style = spec_like
-    model.input_format = input_format
-    model.pixel_mean = tuple(mean)
-    model.pixel_std = tuple(std)
     model_style = getattr(model, "style", None)
     if model_style is not None and model_style != style:
         logger.warning("weights were trained with style=%r (stride in the %s) but the model is "

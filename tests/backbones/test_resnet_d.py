@@ -75,7 +75,7 @@ def test_timm_file_loads_through_weights_api(timm_resnet50d, tmp_path):
     assert (spec.arch, spec.source, spec.input_format) == ("resnet50d", "timm", "RGB")
     model = backbones.resnet50d(weights=str(path), norm="FrozenBN", freeze_at=0,
                                 num_classes=1000, out_features=["logits"])
-    assert model.pixel_mean == backbones.IMAGENET_MEAN_RGB
+    assert spec.pixel_mean == backbones.IMAGENET_MEAN_RGB
     x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
     with torch.no_grad():
         got = model.double()(x)["logits"]
