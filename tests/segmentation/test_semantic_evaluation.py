@@ -1,6 +1,9 @@
 """mIoU and accuracies from one dataset-level confusion matrix, against values worked by hand."""
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,8 +108,15 @@ def _dist_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
 
 def test_distributed_matrices_are_summed(tmp_path):
     out = tmp_path / "miou.pt"
-    torch.multiprocessing.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(out)),
-                                nprocs=2)
+    # The two gloo ranks are spawned from a fresh interpreter: spawned from this pytest
+    # process, late in the whole suite, the parent crashed (SIGSEGV) after the runtime tests.
+    here = Path(__file__).resolve().parent
+    code = ("import sys, torch.multiprocessing as mp; sys.path.insert(0, sys.argv[1]); "
+            "from test_semantic_evaluation import _dist_worker; "
+            "mp.spawn(_dist_worker, args=(2, sys.argv[2], sys.argv[3]), nprocs=2)")
+    res = subprocess.run([sys.executable, "-c", code, str(here), str(tmp_path / "init"),
+                          str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
     single = SemSegEvaluator(num_classes=3)
     for rank in range(2):
         g = torch.Generator().manual_seed(rank)
