@@ -106,10 +106,10 @@ def _dist_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.starts_processes
 def test_distributed_matrices_are_summed(tmp_path):
     out = tmp_path / "miou.pt"
-    # The two gloo ranks are spawned from a fresh interpreter: spawned from this pytest
-    # process, late in the whole suite, the parent crashed (SIGSEGV) after the runtime tests.
+    # The two gloo ranks are spawned from a fresh interpreter (see tests/conftest.py).
     here = Path(__file__).resolve().parent
     code = ("import sys, torch.multiprocessing as mp; sys.path.insert(0, sys.argv[1]); "
             "from test_semantic_evaluation import _dist_worker; "
