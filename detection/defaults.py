@@ -60,6 +60,7 @@ KEYS_DECLARED_ABOVE: dict[str, str] = {
     "MODEL.RESNETS.RES4_DILATION": "segmentation",
     "MODEL.RESNETS.DILATION_MODE": "segmentation",
     "INPUT.CROP": "segmentation",
+    "MODEL.PANOPTIC_FPN": "segmentation",
 }
 
 

@@ -14,6 +14,7 @@ Each family is declared by the package that owns it, in one visible place:
   spelling, ``GeneralizedRCNN`` with ``MODEL.MASK_ON: True``, means it too.
 - ``SemanticSegmentor``: Semantic FPN, DeepLabV3 and FCN, declared in
   ``segmentation/semantic/family.py``.
+- ``PanopticFPN``: Panoptic FPN, declared in ``segmentation/panoptic/family.py``.
 
 A package above detection registers its families when it is imported (``import segmentation``);
 its config keys come from its own ``get_cfg()`` (``segmentation.config``), not from here.
@@ -77,7 +78,8 @@ FAMILIES: Dict[str, ModelFamily] = {}
 
 # Families that packages above detection declare, so that a config naming one says which
 # package to import.
-_DECLARED_ABOVE = {"MaskRCNN": "segmentation", "SemanticSegmentor": "segmentation"}
+_DECLARED_ABOVE = {"MaskRCNN": "segmentation", "SemanticSegmentor": "segmentation",
+                   "PanopticFPN": "segmentation"}
 
 
 def register_family(family: ModelFamily, *aliases: str) -> ModelFamily:

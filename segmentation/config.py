@@ -7,9 +7,9 @@ in this module.
 ``get_cfg()`` is detection's ``get_cfg()`` with :func:`add_segmentation_config` applied:
 ``MODEL.MASK_ON`` and ``MODEL.ROI_MASK_HEAD.*`` (Mask R-CNN), ``MODEL.SEM_SEG_HEAD.*``,
 ``MODEL.RESNETS.RES4_DILATION`` / ``DILATION_MODE`` and ``INPUT.CROP.*`` (semantic
-segmentation). Key names and values are detectron2's; the torchvision configs choose its
-conventions. Loading a segmentation config with ``detection.config`` alone is an error that
-points here.
+segmentation), ``MODEL.PANOPTIC_FPN.*`` (Panoptic FPN). Key names and values are
+detectron2's; the torchvision configs choose its conventions. Loading a segmentation config
+with ``detection.config`` alone is an error that points here.
 """
 
 from __future__ import annotations
@@ -75,6 +75,18 @@ def add_segmentation_config(cfg: CfgNode) -> CfgNode:
     cfg.MODEL.RESNETS.DILATION_MODE = "detectron2"
     # Training crops of the semantic mapper ("absolute": SIZE is (height, width) in pixels).
     cfg.INPUT.CROP = CfgNode({"ENABLED": False, "TYPE": "absolute", "SIZE": [512, 512]})
+
+    # -- Panoptic FPN (META_ARCHITECTURE "PanopticFPN"; detectron2's panoptic configs set
+    # SEM_SEG_HEAD.LOSS_WEIGHT 0.5). The RoI heads' losses are multiplied by
+    # INSTANCE_LOSS_WEIGHT.
+    p = CfgNode()
+    p.INSTANCE_LOSS_WEIGHT = 1.0
+    p.COMBINE = CfgNode()
+    p.COMBINE.ENABLED = True  # merge instances and stuff into panoptic_seg at inference
+    p.COMBINE.OVERLAP_THRESH = 0.5  # drop an instance of which more than this share is taken
+    p.COMBINE.STUFF_AREA_LIMIT = 4096  # smallest stuff segment, in pixels
+    p.COMBINE.INSTANCES_CONFIDENCE_THRESH = 0.5  # lowest instance score merged
+    cfg.MODEL.PANOPTIC_FPN = p
     return cfg
 
 

@@ -86,7 +86,9 @@ def inference_on_dataset(model: nn.Module, data_loader: Iterable, evaluator: Any
                 continue
             device = getattr(model, "device", None) or next(model.parameters()).device
             outputs = model([d["image"].to(device) for d in batch])
-            outputs = [{k: v.cpu() for k, v in o.items()} for o in outputs]
+            # tensors to the CPU; other values (a panoptic model's segments_info) as they are
+            outputs = [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in o.items()}
+                       for o in outputs]
             evaluator.process(batch, outputs)
             counts.read += len(batch)
     elapsed = time.perf_counter() - start
