@@ -20,6 +20,7 @@ from detection.defaults import KEYS_DECLARED_ABOVE, KEYS_KEPT_FOR_COMPATIBILITY
 from detection.deploy.loading import load_for_evaluation
 from detection.engine.train_net import train
 from segmentation.config import get_cfg, load_config
+from segmentation.panoptic import ensure_panoptic_shapes, register_coco_panoptic
 
 # Keys that work in progress elsewhere reads (the lead's inference runtimes). Remove each entry
 # when its reader lands; the test fails if a listed key is read already.
@@ -65,6 +66,11 @@ def leaf_keys(node: _FvCfgNode, prefix: str = "") -> set[str]:
 def shapes(tmp_path_factory):
     p = ensure_shapes_dataset(root=tmp_path_factory.mktemp("shapes"), num_train=4, num_val=2,
                               image_size=(64, 96))
+    pan = ensure_panoptic_shapes(root=tmp_path_factory.mktemp("panoptic"), num_train=4,
+                                 num_val=2, image_size=(64, 96))  # for the panoptic run
+    for split in ("train", "val"):
+        register_coco_panoptic(f"keys_panoptic_{split}", getattr(pan, f"{split}_json"),
+                               getattr(pan, f"{split}_images"), getattr(pan, f"{split}_panoptic"))
     return f"{p.train_json}:{p.train_images}", f"{p.val_json}:{p.val_images}"
 
 
@@ -116,6 +122,10 @@ RUNS = {
     "fcn": ("semantic_fpn_r18_shapes.yaml", {
         "MODEL.BACKBONE.NAME": "resnet", "MODEL.SEM_SEG_HEAD.NAME": "FCNHead",
         "MODEL.SEM_SEG_HEAD.IN_FEATURES": "['res5']", "MODEL.SEM_SEG_HEAD.NORM": "BN"}),
+    "panoptic_fpn": ("panoptic_fpn_r18_shapes.yaml", {
+        "DATASETS.TRAIN": "('keys_panoptic_train',)", "DATASETS.TEST": "('keys_panoptic_val',)",
+        "MODEL.ROI_BOX_HEAD.FC_DIM": 32, "MODEL.ROI_MASK_HEAD.CONV_DIM": 8,
+        "MODEL.ROI_MASK_HEAD.NUM_CONV": 1, "MODEL.SEM_SEG_HEAD.CONVS_DIM": 16}),
 }
 
 

@@ -24,6 +24,7 @@ from detection.deploy.loading import load_for_inference
 from detection.modeling.predictor import predict
 from detection.visualization import draw_instances
 from segmentation.config import get_cfg  # the full tree; registers segmentation's models
+from segmentation.panoptic.visualization import draw_panoptic
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -84,6 +85,12 @@ def main(argv=None) -> int:
         Image.fromarray(drawn).save(target)
         names = [det["class_names"][i] for i in keep]
         print(f"{target}: {len(keep)} detections {sorted(set(names))}")
+        if "panoptic_seg" in det:  # Panoptic FPN: the merged segmentation, in a second picture
+            pan = out_dir / f"{path.stem}_panoptic.png"
+            Image.fromarray(draw_panoptic(image, det["panoptic_seg"].numpy(),
+                                          det["segments_info"],
+                                          thing_names=model.metadata.class_names)).save(pan)
+            print(f"{pan}: {len(det['segments_info'])} segments")
     return 0
 
 

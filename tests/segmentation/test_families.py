@@ -22,6 +22,7 @@ def test_each_family_is_declared_once_by_its_package():
     assert FAMILIES["GeneralizedRCNN"].declared_by == "detection"
     assert FAMILIES["MaskRCNN"] is segmentation.mask_rcnn.MASK_RCNN
     assert FAMILIES["SemanticSegmentor"] is segmentation.semantic.SEMANTIC_SEGMENTOR
+    assert FAMILIES["PanopticFPN"] is segmentation.panoptic.PANOPTIC_FPN
     assert {f.declared_by for n, f in FAMILIES.items() if n != "GeneralizedRCNN"
             and n != "FasterRCNN"} == {"segmentation"}
     cfg = load_config("mask_rcnn_r18_fpn_shapes.yaml")
@@ -40,6 +41,11 @@ def test_each_family_is_declared_once_by_its_package():
                                        "MODEL.ROI_MASK_HEAD.CONV_DIM", "8"]),
     ("semantic_fpn_r18_shapes.yaml", ["MODEL.FPN.OUT_CHANNELS", "16",
                                       "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32"]),
+    ("panoptic_fpn_r18_shapes.yaml", ["MODEL.FPN.OUT_CHANNELS", "16",
+                                      "MODEL.ROI_BOX_HEAD.FC_DIM", "32",
+                                      "MODEL.ROI_MASK_HEAD.CONV_DIM", "8",
+                                      "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32",
+                                      "MODEL.PANOPTIC_FPN.COMBINE.STUFF_AREA_LIMIT", "1"]),
 ])
 def test_load_model_reloads_our_checkpoint_of_each_family(config, opts, tmp_path):
     cfg = load_config(config, [*opts, "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"])
