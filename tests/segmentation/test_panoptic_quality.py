@@ -165,3 +165,58 @@ def test_evaluator_through_png_files_and_model_labels(tmp_path):
     np.testing.assert_array_equal(rgb2id(png), PRED2)
     ev.reset()
     assert ev.num_images == 0 and not ev.stats.any()
+
+
+def _case(k, folder):
+    """Image k of the hand example as the evaluator's input and the model's output."""
+    gt, gt_segs, pred, pred_segs = ((GT1, GT1_SEGS, PRED1, PRED1_SEGS),
+                                    (GT2, GT2_SEGS, PRED2, PRED2_SEGS))[k]
+    model_cat = {1: (0, True), 2: (1, True), 10: (1, False), 11: (2, False), 12: (3, False)}
+    segs = [{"id": s["id"], "category_id": model_cat[s["category_id"]][0],
+             "isthing": model_cat[s["category_id"]][1]} for s in pred_segs]
+    inp = {"pan_seg_file_name": str(folder / f"gt{k}.png"), "segments_info": gt_segs,
+           "image_id": k}
+    return inp, {"panoptic_seg": torch.from_numpy(pred).int(), "segments_info": segs}
+
+
+def _dist_worker(rank: int, world: int, folder: str) -> None:
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    folder = Path(folder)
+    dist.init_process_group("gloo", init_method=f"file://{folder / 'init'}", rank=rank,
+                            world_size=world)
+    try:
+        ev = PanopticEvaluator(categories=CATEGORIES, thing_ids=[1, 2, 3],
+                               stuff_ids=[10, 11, 12], output_dir=folder / "out")
+        inp, out = _case(rank, folder)  # each rank sees one of the two images
+        ev.process([inp], [out])
+        res = ev.evaluate()
+        if rank == 0:
+            (folder / "result.json").write_text(json.dumps(res["panoptic_seg"]))
+        else:
+            assert res == {}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.starts_processes
+def test_distributed_statistics_are_summed(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for k, gt in enumerate((GT1, GT2)):
+        Image.fromarray(id2rgb(gt)).save(tmp_path / f"gt{k}.png")
+    here = Path(__file__).resolve().parent
+    code = ("import sys, torch.multiprocessing as mp; sys.path.insert(0, sys.argv[1]); "
+            "from test_panoptic_quality import _dist_worker; "
+            "mp.spawn(_dist_worker, args=(2, sys.argv[2]), nprocs=2)")
+    res = subprocess.run([sys.executable, "-c", code, str(here), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    _check({k: (float("nan") if v is None else v) for k, v in result.items()})
+    saved = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert sorted(a["image_id"] for a in saved["annotations"]) == [0, 1]  # gathered from both
