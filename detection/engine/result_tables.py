@@ -6,6 +6,7 @@ __all__ = ["format_ap_line", "format_ap_table"]
 
 _AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 _SEM_SEG_KEYS = ("mIoU", "fwIoU", "mACC", "pACC")
+_PQ_KEYS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")  # panoptic
 
 
 def _coverage(metrics: Dict[str, float]) -> str:
@@ -19,7 +20,7 @@ def _coverage(metrics: Dict[str, float]) -> str:
 
 def format_ap_line(metrics: Dict[str, float]) -> str:
     """``"AP 40.12  AP50 60.00 ..."`` (and the images it covers when some were unreadable)."""
-    keys = [k for k in (*_AP_KEYS, *_SEM_SEG_KEYS) if k in metrics]
+    keys = [k for k in (*_AP_KEYS, *_SEM_SEG_KEYS, *_PQ_KEYS) if k in metrics]
     line = "  ".join(f"{k} {metrics[k]:.2f}" for k in keys)
     coverage = _coverage(metrics)
     return f"{line}  ({coverage})" if coverage else line
@@ -41,6 +42,12 @@ def format_ap_table(results: Dict[str, Dict[str, float]]) -> str:
                   "|---" * (len(_SEM_SEG_KEYS) + 1) + "|"]
         lines += [f"| {t} | " + " | ".join(f"{m.get(k, float('nan')):.2f}"
                                            for k in _SEM_SEG_KEYS) + " |" for t, m in sem.items()]
+    pq = {t: m for t, m in results.items() if isinstance(m, dict) and "PQ" in m}
+    if pq:  # panoptic segmentation: PQ, SQ, RQ, all / things / stuff (0-100)
+        lines = [] if len(lines) == 2 else [*lines, ""]
+        lines += ["| task | " + " | ".join(_PQ_KEYS) + " |", "|---" * (len(_PQ_KEYS) + 1) + "|"]
+        lines += [f"| {t} | " + " | ".join(f"{m.get(k, float('nan')):.2f}"
+                                           for k in _PQ_KEYS) + " |" for t, m in pq.items()]
     coverage = next((_coverage(m) for m in results.values() if isinstance(m, dict)
                      and _coverage(m)), "")
     if coverage:
