@@ -125,7 +125,7 @@ RUNS = {
     "panoptic_fpn": ("panoptic_fpn_r18_shapes.yaml", {
         "DATASETS.TRAIN": "('keys_panoptic_train',)", "DATASETS.TEST": "('keys_panoptic_val',)",
         "MODEL.ROI_BOX_HEAD.FC_DIM": 32, "MODEL.ROI_MASK_HEAD.CONV_DIM": 8,
-        "MODEL.ROI_MASK_HEAD.NUM_CONV": 1, "MODEL.SEM_SEG_HEAD.CONVS_DIM": 16}),
+        "MODEL.ROI_MASK_HEAD.NUM_CONV": 1, "MODEL.SEM_SEG_HEAD.CONVS_DIM": 32}),
 }
 
 
