@@ -44,7 +44,8 @@ KEYS_KEPT_FOR_COMPATIBILITY: dict[str, str] = {
 # Keys that this tree dropped or that other toolkits spell differently: loading one is an error
 # that names the key to use instead.
 RENAMED_KEYS: dict[str, str] = {
-    "TEST.DETECTIONS_PER_IMAGE": "MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE",
+    "TEST.DETECTIONS_PER_IMAGE": "MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE (R-CNN) or "
+                                 "MODEL.RETINANET.DETECTIONS_PER_IMAGE (RetinaNet)",
     "INPUT.FORMAT": "MODEL.INPUT_FORMAT (images always enter as RGB; it is the weights' order)",
     "INPUT.MASK_FORMAT": "nothing: the mapper reads polygons, RLE and bitmasks as the json holds "
                          "them; remove the key",
@@ -200,7 +201,9 @@ def _model() -> CfgNode:
     _M.FPN.NORM = ""
 
     _M.ANCHOR_GENERATOR = CfgNode()
-    _M.ANCHOR_GENERATOR.SIZES = [[32, 64, 128, 256, 512]]
+    # Per level (or one list split over the levels), sqrt of the anchor areas; floats, as
+    # detectron2's RetinaNet uses 32 * 2**(k/3).
+    _M.ANCHOR_GENERATOR.SIZES = [[32.0, 64.0, 128.0, 256.0, 512.0]]
     _M.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
     _M.ANCHOR_GENERATOR.OFFSET = 0.0
     _M.ANCHOR_GENERATOR.ROUND_BASE = False  # torchvision rounds the cell anchors
@@ -238,6 +241,8 @@ def _model() -> CfgNode:
     _M.ROI_HEADS.DETECTIONS_PER_IMAGE = 100  # detectron2: TEST.DETECTIONS_PER_IMAGE
     _M.ROI_HEADS.MIN_BOX_SIZE = 0.0  # torchvision drops detections under 1e-2 pixels
 
+    _M.RETINANET = _retinanet()
+
     _M.ROI_BOX_HEAD = CfgNode()
     _M.ROI_BOX_HEAD.NUM_CONV = 0
     _M.ROI_BOX_HEAD.CONV_DIM = 256
@@ -254,3 +259,34 @@ def _model() -> CfgNode:
     # floor(4 + log2(s/224) + 1e-6).
     _M.ROI_BOX_HEAD.POOLER_LEVEL_MAPPING = "detectron2"
     return _M
+
+
+def _retinanet() -> CfgNode:
+    """RetinaNet (``MODEL.META_ARCHITECTURE: RetinaNet``); detectron2's names and defaults,
+    plus the choices in which torchvision differs (see ``configs/torchvision/retinanet_*``)."""
+    r = CfgNode()
+    r.NUM_CLASSES = 80  # foreground classes
+    r.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    r.NUM_CONVS = 4  # 3x3 convs of each subnet (classification, box), shared by the levels
+    r.NORM = ""  # "" or "GN" after each subnet conv (torchvision v2: GN, 32 groups)
+    # P6 (and P7 from relu(P6)) by a stride-2 3x3 conv of "c5" (the last bottom-up map:
+    # detectron2, torchvision v2) or "p5" (torchvision v1).
+    r.TOP_BLOCK_IN = "c5"
+    # IoU below the first threshold: background (label 0); from the second: foreground (1);
+    # in between: ignored (-1). Each ground truth's best anchors are foreground too.
+    r.IOU_THRESHOLDS = [0.4, 0.5]
+    r.IOU_LABELS = [0, -1, 1]
+    r.PRIOR_PROB = 0.01  # initial foreground probability: the bias of the class logits
+    r.SCORE_THRESH_TEST = 0.05
+    r.TOPK_CANDIDATES_TEST = 1000  # per level, before NMS
+    r.NMS_THRESH_TEST = 0.5  # per class
+    r.DETECTIONS_PER_IMAGE = 100  # detectron2: TEST.DETECTIONS_PER_IMAGE; torchvision: 300
+    r.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+    r.FOCAL_LOSS_GAMMA = 2.0
+    r.FOCAL_LOSS_ALPHA = 0.25
+    r.SMOOTH_L1_LOSS_BETA = 0.1  # 0: L1 (detectron2's configs, torchvision v1)
+    r.BBOX_REG_LOSS_TYPE = "smooth_l1"  # or "giou" (torchvision v2)
+    # "ema": the batch's sums over a running mean of its foreground anchors (detectron2);
+    # "per_image": each image's sum over its own foreground count, averaged (torchvision).
+    r.LOSS_NORMALIZER = "ema"
+    return r

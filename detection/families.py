@@ -10,6 +10,8 @@ Each family is declared by the package that owns it, in one visible place:
 
 - ``GeneralizedRCNN`` (alias ``FasterRCNN``): Faster R-CNN, FPN and C4, declared here
   (:data:`FASTER_RCNN`).
+- ``RetinaNet``: RetinaNet (one stage, focal loss on P3-P7), declared here
+  (:data:`RETINANET`).
 - ``MaskRCNN``: Mask R-CNN, declared in ``segmentation/mask_rcnn/family.py``; detectron2's
   spelling, ``GeneralizedRCNN`` with ``MODEL.MASK_ON: True``, means it too.
 - ``SemanticSegmentor``: Semantic FPN, DeepLabV3 and FCN, declared in
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 __all__ = [
     "FAMILIES",
     "FASTER_RCNN",
+    "RETINANET",
     "ModelFamily",
     "attach_instance_metadata",
     "coco_evaluator",
@@ -165,9 +168,11 @@ def coco_evaluator(*tasks: str) -> Callable[[Any, str, Optional[Path]], Any]:
     return build
 
 
-def attach_instance_metadata(cfg: Any) -> None:
+def attach_instance_metadata(cfg: Any,
+                             num_classes_key: str = "MODEL.ROI_HEADS.NUM_CLASSES") -> None:
     """``MODEL.CLASS_NAMES`` / ``CATEGORY_IDS`` from the training dataset's ``thing_classes``,
-    checked against ``MODEL.ROI_HEADS.NUM_CLASSES``. Leaves a config that names its classes."""
+    checked against the class count at ``num_classes_key``. Leaves a config that names its
+    classes."""
     from detection.data.catalog import get_metadata
 
     if cfg.MODEL.CLASS_NAMES or not cfg.DATASETS.TRAIN:
@@ -177,9 +182,12 @@ def attach_instance_metadata(cfg: Any) -> None:
     if not names:
         return
     ids = [int(i) for i in meta.get("contiguous_id_to_dataset_id", range(len(names)))]
-    if cfg.MODEL.ROI_HEADS.NUM_CLASSES != len(names):
+    num_classes = cfg
+    for part in num_classes_key.split("."):
+        num_classes = num_classes[part]
+    if num_classes != len(names):
         raise ValueError(
-            f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but dataset "
+            f"{num_classes_key} is {num_classes} but dataset "
             f"{cfg.DATASETS.TRAIN[0]!r} has {len(names)} categories; set it to {len(names)}"
         )
     was_frozen = cfg.is_frozen()
@@ -200,4 +208,35 @@ FASTER_RCNN = register_family(
         attach_metadata=attach_instance_metadata,
     ),
     "FasterRCNN",
+)
+
+
+# ----------------------------------------------------------------- RetinaNet
+
+
+def _build_retinanet(cfg: Any) -> nn.Module:
+    from detection.modeling.build import build_retinanet
+
+    return build_retinanet(cfg)
+
+
+def _convert_retinanet(checkpoint: Mapping[str, Any]) -> StateDict:
+    from detection.modeling.retinanet_convert import to_ours
+
+    return to_ours(checkpoint)
+
+
+def _attach_retinanet_metadata(cfg: Any) -> None:
+    attach_instance_metadata(cfg, "MODEL.RETINANET.NUM_CLASSES")
+
+
+RETINANET = register_family(
+    ModelFamily(
+        name="RetinaNet",
+        build=_build_retinanet,
+        load_weights=strict_weight_loader(_convert_retinanet),
+        build_mapper=_detection_mapper,
+        build_evaluator=coco_evaluator("bbox"),
+        attach_metadata=_attach_retinanet_metadata,
+    )
 )

@@ -17,6 +17,7 @@ from .matcher import Matcher
 from .metadata import Metadata
 from .poolers import ROIPooler
 from .preprocess import Preprocessor
+from .retinanet import RetinaNet, RetinaNetHead
 from .roi_heads import FastRCNNConvFCHead, FastRCNNPredictor, Res5BoxHead, StandardROIHeads
 from .rpn import RPN, RPNHead
 
@@ -98,22 +99,40 @@ def build_backbone_body(cfg: CfgNode, out_features: Optional[List[str]],
     return builder(**options)
 
 
-def build_detector_backbone(cfg: CfgNode) -> Backbone:
-    """The backbone and neck ``MODEL.BACKBONE`` names: with NECK "fpn", an FPN (p2..p6) over
-    ``MODEL.FPN.IN_FEATURES`` (empty: every output of the backbone); with "none", the
-    backbone's ``MODEL.RESNETS.OUT_FEATURES`` (res4 for C4)."""
+def build_detector_backbone(cfg: CfgNode, *, top_block: str = "maxpool",
+                            top_block_in: str = "c5") -> Backbone:
+    """The backbone and neck ``MODEL.BACKBONE`` names: with NECK "fpn", an FPN over
+    ``MODEL.FPN.IN_FEATURES`` (empty: every output of the backbone) with ``top_block``
+    ("maxpool": p6 for Faster R-CNN; "p6p7": RetinaNet's, from ``top_block_in`` "c5" or "p5");
+    with "none", the backbone's ``MODEL.RESNETS.OUT_FEATURES`` (res4 for C4)."""
     _, neck, _ = resolve_backbone(cfg)
     if neck == "fpn":
         in_features = list(cfg.MODEL.FPN.IN_FEATURES) or None
         body = build_backbone_body(cfg, in_features)
         return FPN(body, out_channels=cfg.MODEL.FPN.OUT_CHANNELS, in_features=in_features,
-                   norm=_norm(cfg.MODEL.FPN.NORM), top_block="maxpool")
+                   norm=_norm(cfg.MODEL.FPN.NORM), top_block=top_block,
+                   top_block_in=top_block_in)
     return build_backbone_body(cfg, list(cfg.MODEL.RESNETS.OUT_FEATURES))
+
+
+def build_anchor_generator(cfg: CfgNode, strides: List[int]) -> AnchorGenerator:
+    """``MODEL.ANCHOR_GENERATOR`` for levels of ``strides``: ``SIZES`` per level, or one list
+    with one size per level (as detectron2 reads it)."""
+    a = cfg.MODEL.ANCHOR_GENERATOR
+    sizes = [list(s) for s in a.SIZES]
+    if len(sizes) == 1 and len(strides) > 1:
+        sizes = [[s] for s in sizes[0]]
+    if len(sizes) != len(strides):
+        raise ValueError(f"MODEL.ANCHOR_GENERATOR.SIZES gives {len(sizes)} levels of sizes for "
+                         f"{len(strides)} feature maps")
+    return AnchorGenerator(
+        sizes=sizes, aspect_ratios=list(a.ASPECT_RATIOS), strides=strides, offset=a.OFFSET,
+        round_base=a.ROUND_BASE, ratio_major=a.RATIO_MAJOR, infer_strides=a.INFER_STRIDES,
+    )
 
 
 def build_rpn(cfg: CfgNode, shapes: Dict[str, ShapeSpec]) -> RPN:
     c = cfg.MODEL.RPN
-    a = cfg.MODEL.ANCHOR_GENERATOR
     in_features = list(c.IN_FEATURES)
     channels = {shapes[f].channels for f in in_features}
     if len(channels) != 1:
@@ -121,14 +140,7 @@ def build_rpn(cfg: CfgNode, shapes: Dict[str, ShapeSpec]) -> RPN:
     in_channels = channels.pop()
     if any(d not in (-1, in_channels) for d in c.CONV_DIMS):
         raise ValueError(f"MODEL.RPN.CONV_DIMS must be -1 or {in_channels}, got {c.CONV_DIMS}")
-    sizes = list(a.SIZES)
-    if len(sizes) == 1 and len(in_features) > 1:  # one size per level, as detectron2 reads it
-        sizes = [[s] for s in sizes[0]]
-    generator = AnchorGenerator(
-        sizes=sizes, aspect_ratios=list(a.ASPECT_RATIOS),
-        strides=[shapes[f].stride for f in in_features], offset=a.OFFSET,
-        round_base=a.ROUND_BASE, ratio_major=a.RATIO_MAJOR, infer_strides=a.INFER_STRIDES,
-    )
+    generator = build_anchor_generator(cfg, [shapes[f].stride for f in in_features])
     if len(set(generator.num_anchors)) != 1:
         raise ValueError("every RPN level needs the same number of anchors")
     return RPN(
@@ -203,8 +215,11 @@ def build_roi_heads(cfg: CfgNode, shapes: Dict[str, ShapeSpec],
     )
 
 
-def build_metadata(cfg: CfgNode) -> Metadata:
-    k = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+def build_metadata(cfg: CfgNode, num_classes: Optional[int] = None) -> Metadata:
+    """Class names and dataset ids: ``MODEL.CLASS_NAMES`` / ``CATEGORY_IDS``, else COCO's for
+    80 (detectron2) or 90 (torchvision) classes, else ``class_{k}``. ``num_classes`` defaults
+    to ``MODEL.ROI_HEADS.NUM_CLASSES``."""
+    k = cfg.MODEL.ROI_HEADS.NUM_CLASSES if num_classes is None else num_classes
     if cfg.MODEL.CLASS_NAMES:
         return Metadata(class_names=list(cfg.MODEL.CLASS_NAMES),
                         category_ids=list(cfg.MODEL.CATEGORY_IDS))
@@ -244,6 +259,56 @@ def build_model(cfg: CfgNode, *, mask_head: Optional[nn.Module] = None) -> Gener
         backbone=backbone, rpn=build_rpn(cfg, shapes),
         roi_heads=build_roi_heads(cfg, shapes, res5=res5, mask_head=mask_head),
         metadata=build_metadata(cfg),
+    )
+    return model.to(cfg.MODEL.DEVICE)
+
+
+def build_retinanet(cfg: CfgNode) -> RetinaNet:
+    """RetinaNet as ``MODEL.RETINANET`` describes it, on an FPN with RetinaNet's P6/P7 top
+    block (random head; ImageNet backbone weights when ``MODEL.BACKBONE.WEIGHTS`` names
+    them). ``MODEL.WEIGHTS`` is loaded by the family's loader."""
+    r = cfg.MODEL.RETINANET
+    if resolve_backbone(cfg)[1] != "fpn":
+        raise ValueError("RetinaNet runs on an FPN: set MODEL.BACKBONE.NECK 'fpn' (or NAME "
+                         "'resnet_fpn')")
+    if r.TOP_BLOCK_IN not in ("c5", "p5"):
+        raise ValueError(f"MODEL.RETINANET.TOP_BLOCK_IN must be 'c5' or 'p5', got "
+                         f"{r.TOP_BLOCK_IN!r}")
+    if list(r.IOU_LABELS) != [0, -1, 1]:
+        raise ValueError(f"MODEL.RETINANET.IOU_LABELS must be [0, -1, 1] (background, ignored, "
+                         f"foreground), got {list(r.IOU_LABELS)}")
+    if len(r.IOU_THRESHOLDS) != 2:
+        raise ValueError(f"MODEL.RETINANET.IOU_THRESHOLDS takes (background below, foreground "
+                         f"from), got {list(r.IOU_THRESHOLDS)}")
+    backbone = build_detector_backbone(cfg, top_block="p6p7", top_block_in=r.TOP_BLOCK_IN)
+    shapes = backbone.output_shape()
+    in_features = list(r.IN_FEATURES)
+    missing = [f for f in in_features if f not in shapes]
+    if missing:
+        raise ValueError(f"MODEL.RETINANET.IN_FEATURES {missing} are not outputs of the "
+                         f"backbone, which gives {list(shapes)}")
+    channels = {shapes[f].channels for f in in_features}
+    if len(channels) != 1:
+        raise ValueError(f"RetinaNet inputs {in_features} must share a channel count, got "
+                         f"{channels}")
+    generator = build_anchor_generator(cfg, [shapes[f].stride for f in in_features])
+    if len(set(generator.num_anchors)) != 1:
+        raise ValueError("every RetinaNet level needs the same number of anchors, got "
+                         f"{generator.num_anchors} (MODEL.ANCHOR_GENERATOR)")
+    head = RetinaNetHead(in_channels=channels.pop(), num_anchors=generator.num_anchors[0],
+                         num_classes=r.NUM_CLASSES, num_convs=r.NUM_CONVS, norm=_norm(r.NORM),
+                         prior_prob=r.PRIOR_PROB)
+    model = RetinaNet(
+        preprocessor=build_preprocessor(cfg, backbone.size_divisibility), backbone=backbone,
+        head=head, anchor_generator=generator, in_features=in_features,
+        box_coder=BoxCoder(r.BBOX_REG_WEIGHTS),
+        matcher=Matcher(r.IOU_THRESHOLDS, allow_low_quality_matches=True),
+        focal_alpha=r.FOCAL_LOSS_ALPHA, focal_gamma=r.FOCAL_LOSS_GAMMA,
+        box_loss=r.BBOX_REG_LOSS_TYPE, smooth_l1_beta=r.SMOOTH_L1_LOSS_BETA,
+        loss_normalizer=r.LOSS_NORMALIZER, score_thresh=r.SCORE_THRESH_TEST,
+        topk_candidates=r.TOPK_CANDIDATES_TEST, nms_thresh=r.NMS_THRESH_TEST,
+        detections_per_image=r.DETECTIONS_PER_IMAGE,
+        metadata=build_metadata(cfg, r.NUM_CLASSES),
     )
     return model.to(cfg.MODEL.DEVICE)
 

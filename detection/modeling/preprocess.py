@@ -95,7 +95,10 @@ def torchvision_resized_shape(h: Size, w: Size, min_size: int,
     ``min(min_size / short, max_size / long)`` in float64, for both sides; each side
     floored (as ``interpolate``'s ``recompute_scale_factor``)."""
     hw = size_tensor([h, w], dtype=torch.float64, device=torch.device("cpu"))
-    scale = torch.minimum(min_size / hw.min(), max_size / hw.max())
+    # true divisions, as torchvision's Python floats: ``number / tensor`` multiplies by the
+    # reciprocal, which rounds 187 * (192 / 187) down to 191.99999999999997
+    limits = torch.tensor([min_size, max_size], dtype=torch.float64)
+    scale = torch.minimum(limits[0] / hw.min(), limits[1] / hw.max())
     out = torch.floor(hw * scale).to(torch.int64)
     return as_size(out[0]), as_size(out[1])
 

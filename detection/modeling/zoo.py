@@ -67,6 +67,22 @@ _register(DetectorWeights(
     "137849600/model_final_f10217.pkl", "detectron2", "detectron2/mask_rcnn_R_50_FPN_3x.yaml",
     41.0, mask_ap=37.2))
 
+_register(DetectorWeights(
+    "torchvision/retinanet_resnet50_fpn.coco_v1",
+    "https://download.pytorch.org/models/retinanet_resnet50_fpn_coco-eeacb38b.pth",
+    "torchvision", "torchvision/retinanet_resnet50_fpn.yaml", 36.4, "eeacb38b"))
+_register(DetectorWeights(
+    "torchvision/retinanet_resnet50_fpn_v2.coco_v1",
+    "https://download.pytorch.org/models/retinanet_resnet50_fpn_v2_coco-5905b1c5.pth",
+    "torchvision", "torchvision/retinanet_resnet50_fpn_v2.yaml", 41.5, "5905b1c5"))
+for _name, _path, _ap in (
+    ("retinanet_R_50_FPN_1x", "190397773/model_final_bfca0b.pkl", 37.4),
+    ("retinanet_R_50_FPN_3x", "190397829/model_final_5bd44e.pkl", 38.7),
+    ("retinanet_R_101_FPN_3x", "190397697/model_final_971ab9.pkl", 40.4),
+):
+    _register(DetectorWeights(f"detectron2/{_name}", f"{_D2}/{_name}/{_path}", "detectron2",
+                              f"detectron2/{_name}.yaml", _ap))
+
 
 def list_detector_weights() -> List[str]:
     return sorted(_ZOO)

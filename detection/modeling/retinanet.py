@@ -1,0 +1,306 @@
+"""RetinaNet (Lin et al., ICCV 2017): a one-stage detector with focal loss on FPN levels P3-P7.
+
+Two subnets of ``num_convs`` 3x3 convs (classification and box regression), shared by all
+levels, predict ``A * K`` class logits and ``A * 4`` box deltas at every location, for ``A``
+anchors per location (3 sizes x 3 aspect ratios). Training matches anchors to ground truth
+by IoU (background below 0.4, foreground from 0.5, and each ground truth's best anchors) and
+sums a sigmoid focal loss over every non-ignored anchor and a box loss over the foreground
+ones. Inference keeps, per level, the top 1000 (anchor, class) scores above 0.05, decodes
+their boxes and runs a per-class NMS.
+
+The model owns its preprocessing (as ``GeneralizedRCNN``): ``model(images)`` takes RGB
+``(3, H, W)`` images on a 0-255 scale and returns per image ``boxes`` ``(N, 4)`` xyxy in input
+pixels, ``scores`` and ``labels`` in 0..K-1.
+"""
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
+
+from backbones import fold_conv_norm, fold_frozen_batchnorm
+from backbones.fpn import ConvNorm
+from backbones.fused import FusedConv2d, apply_relu, fuse_conv_relu
+
+from .anchors import AnchorGenerator
+from .box_ops import (
+    BoxCoder,
+    batched_nms,
+    clip_boxes,
+    size_limits,
+    split_per_image,
+    top_k_per_group,
+)
+from .matcher import BACKGROUND, FOREGROUND, Matcher
+from .metadata import Metadata
+from .precision import Cast, check_precision
+from .preprocess import Preprocessor, check_targets, rescale_boxes
+from .structures import Detections
+from .tracing import min_size
+
+BOX_LOSSES = ("smooth_l1", "giou")
+LOSS_NORMALIZERS = ("ema", "per_image")
+
+
+class RetinaNetHead(nn.Module):
+    """The classification and box subnets, shared by all levels.
+
+    Parameters: ``cls_convs.{i}.conv/.norm`` and ``box_convs.{i}.conv/.norm`` (3x3,
+    ``in_channels`` wide, ReLU after each; the conv has a bias only without a norm),
+    ``cls_score`` (3x3, ``A * K`` logits, anchor-major: channel ``a * K + k``) and
+    ``bbox_pred`` (3x3, ``A * 4`` deltas).
+
+    Init as both peers: normal(std 0.01) weights, zero biases, and the class logits' bias at
+    ``-log((1 - prior_prob) / prior_prob)`` so that every anchor starts at foreground
+    probability ``prior_prob``.
+    """
+
+    def __init__(self, *, in_channels: int, num_anchors: int, num_classes: int,
+                 num_convs: int = 4, norm: str = "none", prior_prob: float = 0.01) -> None:
+        super().__init__()
+        self.num_anchors, self.num_classes = num_anchors, num_classes
+        self.cls_convs = nn.ModuleList(ConvNorm(in_channels, in_channels, 3, norm)
+                                       for _ in range(num_convs))
+        self.box_convs = nn.ModuleList(ConvNorm(in_channels, in_channels, 3, norm)
+                                       for _ in range(num_convs))
+        self.cls_score = nn.Conv2d(in_channels, num_anchors * num_classes, 3, padding=1)
+        self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, 3, padding=1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    @staticmethod
+    def _subnet(convs: nn.ModuleList, x: Tensor) -> Tensor:
+        for block in convs:
+            x = apply_relu(block.conv, x) if isinstance(block.norm, nn.Identity) \
+                else F.relu(block(x))
+        return x
+
+    def forward(self, features: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        """features ``(N, C, H_l, W_l)`` -> per level logits ``(N, H_l*W_l*A, K)`` and deltas
+        ``(N, H_l*W_l*A, 4)``, ordered by location, then anchor (the anchors' order)."""
+        logits, deltas = [], []
+        for x in features:
+            n, _, h, w = x.shape
+            c = self.cls_score(self._subnet(self.cls_convs, x))  # [N, A*K, H, W]
+            b = self.bbox_pred(self._subnet(self.box_convs, x))  # [N, A*4, H, W]
+            logits.append(c.view(n, self.num_anchors, self.num_classes, h, w)
+                          .permute(0, 3, 4, 1, 2).reshape(n, -1, self.num_classes))
+            deltas.append(b.view(n, self.num_anchors, 4, h, w)
+                          .permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
+        return logits, deltas
+
+
+class RetinaNet(nn.Module):
+    """RetinaNet that owns its preprocessing; see the module docstring for the call.
+
+    Args:
+        preprocessor, backbone, head, anchor_generator: built parts (the backbone returns at
+            least ``in_features``).
+        in_features: the feature maps the head runs on (p3..p7).
+        box_coder: anchor-delta coding (weights (1, 1, 1, 1) in both peers).
+        matcher: anchor matching (IoU 0.4 / 0.5 with low-quality matches).
+        focal_alpha, focal_gamma: of the sigmoid focal loss.
+        box_loss: "smooth_l1" (``smooth_l1_beta`` 0 is L1) or "giou" (on decoded boxes).
+        loss_normalizer: "ema" (detectron2: batch sums over a running mean, from 100 with
+            momentum 0.9, of the batch's foreground anchors) or "per_image" (torchvision:
+            each image's sums over its own foreground count, averaged over images).
+        score_thresh, topk_candidates: per level, the top ``topk_candidates`` (anchor, class)
+            scores above ``score_thresh`` are decoded.
+        nms_thresh, detections_per_image: per-class NMS, then the best per image.
+        metadata: class names and dataset ids of labels 0..K-1.
+    """
+
+    def __init__(
+        self, *, preprocessor: Preprocessor, backbone: nn.Module, head: RetinaNetHead,
+        anchor_generator: AnchorGenerator, in_features: Sequence[str], box_coder: BoxCoder,
+        matcher: Matcher, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+        box_loss: str = "smooth_l1", smooth_l1_beta: float = 0.0,
+        loss_normalizer: str = "ema", score_thresh: float = 0.05,
+        topk_candidates: int = 1000, nms_thresh: float = 0.5, detections_per_image: int = 100,
+        metadata: Optional[Metadata] = None,
+    ) -> None:
+        super().__init__()
+        if box_loss not in BOX_LOSSES:
+            raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
+        if loss_normalizer not in LOSS_NORMALIZERS:
+            raise ValueError(f"loss_normalizer must be one of {LOSS_NORMALIZERS}, "
+                             f"got {loss_normalizer!r}")
+        if len(set(anchor_generator.num_anchors)) != 1 or \
+                anchor_generator.num_anchors[0] != head.num_anchors:
+            raise ValueError(f"the head predicts {head.num_anchors} anchors per location, the "
+                             f"anchor generator makes {anchor_generator.num_anchors} per level")
+        self.preprocessor, self.backbone, self.head = preprocessor, backbone, head
+        self.anchor_generator = anchor_generator
+        self.in_features = list(in_features)
+        self.box_coder, self.matcher = box_coder, matcher
+        self.focal_alpha, self.focal_gamma = float(focal_alpha), float(focal_gamma)
+        self.box_loss, self.smooth_l1_beta = box_loss, float(smooth_l1_beta)
+        self.loss_normalizer = loss_normalizer
+        self.score_thresh, self.topk_candidates = float(score_thresh), int(topk_candidates)
+        self.nms_thresh = float(nms_thresh)
+        self.detections_per_image = int(detections_per_image)
+        k = head.num_classes
+        self.metadata = metadata or Metadata(class_names=[f"class_{i}" for i in range(k)])
+        if self.metadata.num_classes != k:
+            raise ValueError(f"metadata names {self.metadata.num_classes} classes but the head "
+                             f"predicts {k}")
+        # detectron2's running foreground count (not a buffer: peers' checkpoints lack it)
+        self.ema_foreground = 100.0
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def forward(
+        self, images: Sequence[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
+    ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:
+        if self.training:
+            if targets is None:
+                raise ValueError("in training mode the detector needs targets "
+                                 "(call model.eval() for inference)")
+            check_targets(targets, len(images), self.num_classes)
+        batch, sizes, targets = self.preprocessor(images, targets if self.training else None)
+        if getattr(self, "_channels_last", False):
+            batch = batch.to(dtype=self._input_dtype, memory_format=torch.channels_last)
+        features = self.backbone(batch)
+        feats = [features[f] for f in self.in_features]
+        anchors = self.anchor_generator(feats, tuple(batch.shape[-2:]))  # per level [HWA, 4]
+        logits, deltas = self.head(feats)
+        if self.training:
+            assert targets is not None
+            return self.losses(anchors, logits, deltas, targets)
+        results = []
+        for det, size, img in zip(self.inference(anchors, logits, deltas, sizes), sizes,
+                                  images):
+            det.boxes = rescale_boxes(det.boxes, size, tuple(img.shape[-2:]))
+            results.append(det.to_dict())
+        return results
+
+    # ------------------------------------------------------------------ training
+
+    @torch.no_grad()
+    def label_anchors(self, anchors: Tensor, targets: List[Dict[str, Tensor]]
+                      ) -> Tuple[Tensor, Tensor]:
+        """-> (labels ``(N, P)``: class 0..K-1, K for background, -1 ignored; matched
+        ground-truth boxes ``(N, P, 4)``, meaningful where the label is a class)."""
+        labels, boxes = [], []
+        k = self.num_classes
+        for t in targets:
+            gt = t["boxes"].to(anchors.dtype)
+            matched, quality = self.matcher(box_iou(gt, anchors))
+            if gt.shape[0] == 0:
+                labels.append(torch.full_like(matched, k))
+                boxes.append(torch.zeros_like(anchors))
+                continue
+            lab = t["labels"].to(matched.device)[matched]
+            lab = torch.where(quality == BACKGROUND, torch.full_like(lab, k), lab)
+            lab = torch.where((quality != BACKGROUND) & (quality != FOREGROUND),
+                              torch.full_like(lab, -1), lab)
+            labels.append(lab)
+            boxes.append(gt[matched])
+        return torch.stack(labels), torch.stack(boxes)
+
+    def losses(self, anchors: List[Tensor], logits: List[Tensor], deltas: List[Tensor],
+               targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        anchors_t = torch.cat(anchors)  # [P, 4]
+        logits_t, deltas_t = torch.cat(logits, 1), torch.cat(deltas, 1)  # [N, P, K], [N, P, 4]
+        gt_labels, gt_boxes = self.label_anchors(anchors_t, targets)
+        n, k = len(targets), self.num_classes
+        valid = gt_labels >= 0
+        pos = valid & (gt_labels != k)
+        # [N, P, K+1] one-hot without the background column; ignored anchors drop out below
+        onehot = F.one_hot(gt_labels.clamp(min=0), k + 1)[..., :k].to(logits_t.dtype)
+        focal = sigmoid_focal_loss(logits_t, onehot, alpha=self.focal_alpha,
+                                   gamma=self.focal_gamma, reduction="none")
+        cls_per_image = (focal.sum(-1) * valid).sum(1)  # [N]
+
+        pos_idx = torch.nonzero(pos)  # [F, 2]: (image, anchor)
+        img_idx, anc_idx = pos_idx[:, 0], pos_idx[:, 1]
+        pred = deltas_t[img_idx, anc_idx]
+        if self.box_loss == "giou":
+            box = generalized_box_iou_loss(self.box_coder.decode(pred, anchors_t[anc_idx]),
+                                           gt_boxes[img_idx, anc_idx], reduction="none")
+        else:
+            target = self.box_coder.encode(gt_boxes[img_idx, anc_idx], anchors_t[anc_idx])
+            box = F.smooth_l1_loss(pred, target, beta=self.smooth_l1_beta,
+                                   reduction="none").sum(-1)
+        box_per_image = box.new_zeros(n).index_add(0, img_idx, box)  # [N]
+
+        num_pos = pos.sum(1)  # [N]
+        if self.loss_normalizer == "per_image":
+            norm = num_pos.clamp(min=1).to(cls_per_image.dtype)
+            return {"loss_cls": (cls_per_image / norm).mean(),
+                    "loss_box_reg": (box_per_image / norm).mean()}
+        self.ema_foreground = 0.9 * self.ema_foreground + 0.1 * max(int(num_pos.sum()), 1)
+        return {"loss_cls": cls_per_image.sum() / self.ema_foreground,
+                "loss_box_reg": box_per_image.sum() / self.ema_foreground}
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def inference(self, anchors: List[Tensor], logits: List[Tensor], deltas: List[Tensor],
+                  image_sizes: List[Tuple[int, int]]) -> List[Detections]:
+        """Per image: per level the top ``topk_candidates`` (anchor, class) pairs by score,
+        those above ``score_thresh`` decoded and clipped, a per-class NMS, the best
+        ``detections_per_image``; boxes in the resized image's pixels."""
+        n, k = len(image_sizes), self.num_classes
+        scores, boxes, labels = [], [], []
+        for a, lg, d in zip(anchors, logits, deltas):
+            flat = lg.reshape(n, -1)  # [N, HWA*K], index = anchor * K + class
+            top, idx = flat.topk(min_size(self.topk_candidates, flat.shape[1]), dim=1)
+            anchor_idx = idx // k
+            d = torch.gather(d, 1, anchor_idx[..., None].expand(-1, -1, 4))
+            boxes.append(self.box_coder.decode(d, a[anchor_idx]))  # [N, k, 4]
+            scores.append(torch.sigmoid(top))
+            labels.append(idx % k)
+        scores_t, boxes_t, labels_t = torch.cat(scores, 1), torch.cat(boxes, 1), \
+            torch.cat(labels, 1)
+        boxes_t = clip_boxes(boxes_t, size_limits(image_sizes, boxes_t)[:, None, :])
+        image_idx = torch.arange(n, device=scores_t.device)[:, None].expand_as(scores_t)
+        image_idx, labels_t = image_idx.reshape(-1), labels_t.reshape(-1)
+        boxes_t, scores_t = boxes_t.reshape(-1, 4), scores_t.reshape(-1)
+        valid = torch.nonzero(scores_t > self.score_thresh).squeeze(1)
+        keep = valid[batched_nms(boxes_t[valid], scores_t[valid],
+                                 image_idx[valid] * k + labels_t[valid], self.nms_thresh)]
+        keep = keep[top_k_per_group(image_idx[keep], n, self.detections_per_image)]
+        per_image = zip(*(split_per_image(v[keep], image_idx[keep], n)
+                          for v in (boxes_t, scores_t, labels_t)))
+        return [Detections(boxes=b, scores=s, labels=lab) for b, s, lab in per_image]
+
+    @torch.no_grad()
+    def optimize_for_inference(self, channels_last: bool = True, fuse: bool = True,
+                               precision: str = "fp32") -> "RetinaNet":
+        """Fold frozen (and eval-mode) BatchNorm into the preceding convs (ResNet, FPN), use
+        channels-last, and with ``fuse`` apply each ReLU inside its conv (oneDNN post-ops;
+        the head's convs too when they have no norm). ``precision`` "bf16" runs the backbone
+        in bf16 and the head, anchors, decoding and NMS in float32. Inference only. Returns
+        the model."""
+        dtype = check_precision(precision)
+        self.eval()
+        fold_frozen_batchnorm(self)
+        for module in self.backbone.modules():
+            if isinstance(module, ConvNorm) and not isinstance(module.norm, nn.Identity):
+                fused = fold_conv_norm(module.conv, module.norm)
+                if fused is not None:
+                    module.conv, module.norm = fused, nn.Identity()
+        if fuse:
+            fuse_conv_relu(self.backbone)
+            for block in [*self.head.cls_convs, *self.head.box_convs]:
+                if isinstance(block.norm, nn.Identity) and type(block.conv) is nn.Conv2d:
+                    block.conv = FusedConv2d(block.conv, relu=True)
+        if dtype != torch.float32:  # the backbone in bf16, the head in float32
+            self.backbone.to(dtype)
+            self.head = Cast(self.head, input_dtype=torch.float32, output_dtype=torch.float32)
+        self.precision, self._input_dtype = precision, dtype
+        self._channels_last = channels_last or dtype != torch.float32
+        if self._channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+            self.head.to(memory_format=torch.channels_last)
+        return self
