@@ -12,6 +12,10 @@ returns boxes (N, 4) in its pixels, scores, labels (and masks (N, 1, H, W) for M
 resizing, normalization and the mapping back to input pixels are inside it. After writing,
 the tool runs the file on two sample images, compares it with the eager model and prints the
 agreement (also stored in OUTPUT/export.json).
+
+OpenVINO IR exports (and ONNX ones with --split) also hold the model as two graphs, backbone
+and heads, so that `--runtime openvino --precision bf16` runs the backbone in bf16 and the
+heads in float32 (OpenVINO's own bf16 would run the heads in bf16 too and lose detections).
 """
 
 import argparse
@@ -33,6 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="folder to write into")
     parser.add_argument("--trace-size", type=int, nargs=2, default=(480, 640),
                         metavar=("H", "W"), help="size of the sample image traced")
+    parser.add_argument("--split", action="store_true", default=None,
+                        help="also write backbone and heads graphs (default for openvino)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip running the export against the eager model")
     args = parser.parse_args(argv)
@@ -40,9 +46,12 @@ def main(argv=None) -> int:
     cfg = inference_config(args.config, args.weights, cfg=get_cfg())
     model = load_model(cfg, args.weights, optimize=False)
     info = export_model(model, args.output, args.format, trace_size=tuple(args.trace_size),
-                        source={"weights": args.weights, "config": args.config or ""})
+                        source={"weights": args.weights, "config": args.config or ""},
+                        split=args.split)
     print(f"wrote {args.output / info.model_file} ({args.format}; outputs "
           f"{', '.join(info.outputs)}; {len(info.class_names)} classes)")
+    if info.parts:
+        print(f"and {info.parts['backbone']} + {info.parts['heads']} (for bf16 in OpenVINO)")
     if not args.no_check:
         check = check_export(model, args.output)
         for result in check["images"]:

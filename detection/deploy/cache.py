@@ -38,10 +38,13 @@ def export_cached(model: nn.Module, cfg: Any, weights: Optional[str], *, runtime
     key = hashlib.sha256(f"{cfg.dump()}\n{_weights_identity(weights)}".encode())
     directory = cache_root() / key.hexdigest()[:20]
     try:
-        ExportInfo.load(directory)
+        if not ExportInfo.load(directory).parts:  # cached before split exports
+            raise FileNotFoundError(directory)
     except (FileNotFoundError, TypeError, ValueError):
         logger.info("Exporting the model to ONNX in %s", directory)
-        export_model(model, directory, "onnx", source={"weights": weights or ""})
+        # The backbone and heads graphs too: OpenVINO's bf16 runs them in two precisions.
+        export_model(model, directory, "onnx", source={"weights": weights or ""},
+                     split=True)
         check = check_export(model, directory)
         logger.info("Export check (onnxruntime against eager): %s",
                     "; ".join(r["agreement"] for r in check["images"]))

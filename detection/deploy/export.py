@@ -30,6 +30,7 @@ from torch import Tensor, nn
 FORMATS = ("onnx", "torchscript", "openvino")
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt", "openvino": "model.xml"}
 OPSET = 17
+SPLIT_FORMATS = ("onnx", "openvino")
 
 
 class UnsupportedExportError(ValueError):
@@ -60,6 +61,8 @@ class ExportInfo:
     category_ids: List[int]
     mask_threshold: float = 0.5
     source: Dict[str, str] = field(default_factory=dict)
+    # A split export's graphs: {"backbone": file, "heads": file, "features": [names]}.
+    parts: Dict[str, Any] = field(default_factory=dict)
     check: Dict[str, Any] = field(default_factory=dict)
 
     def save(self, directory: Path) -> None:
@@ -111,38 +114,50 @@ def _trace(graph: SingleImageGraph, image: Tensor) -> torch.jit.ScriptModule:
         return torch.jit.trace(graph, (image,), check_trace=False)
 
 
-def _write_onnx(graph: SingleImageGraph, image: Tensor, path: Path,
-                outputs: List[str]) -> None:
+def write_graph(graph: nn.Module, args: Tuple[Tensor, ...], path: Path, fmt: str, *,
+                input_names: List[str], output_names: List[str],
+                dynamic_axes: Dict[str, Dict[int, str]]) -> None:
+    """Trace ``graph`` on ``args`` into an ONNX file, or (``fmt`` "openvino") an OpenVINO IR
+    converted from it, at ``path``."""
+    if fmt == "openvino":
+        from .runtimes import require
+
+        ov = require("openvino")
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path = Path(tmp) / "model.onnx"
+            write_graph(graph, args, onnx_path, "onnx", input_names=input_names,
+                        output_names=output_names, dynamic_axes=dynamic_axes)
+            ov_model = ov.convert_model(str(onnx_path))
+            # Weights stay float32 (save_model would store them as fp16 by default).
+            ov.save_model(ov_model, str(path), compress_to_fp16=False)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, args, str(path), dynamo=False, opset_version=OPSET,
+                          input_names=input_names, output_names=output_names,
+                          dynamic_axes=dynamic_axes, do_constant_folding=True)
+
+
+def _write_whole(graph: SingleImageGraph, image: Tensor, path: Path, fmt: str,
+                 outputs: List[str]) -> None:
     axes = {"image": {1: "height", 2: "width"}}
     axes.update({name: {0: "detections"} for name in outputs})
     if "masks" in outputs:
         axes["masks"] = {0: "detections", 2: "height", 3: "width"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (image,), str(path), dynamo=False, opset_version=OPSET,
-                          input_names=["image"], output_names=outputs, dynamic_axes=axes,
-                          do_constant_folding=True)
-
-
-def _write_openvino(graph: SingleImageGraph, image: Tensor, path: Path,
-                    outputs: List[str]) -> None:
-    from .runtimes import require
-
-    ov = require("openvino")
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = Path(tmp) / "model.onnx"
-        _write_onnx(graph, image, onnx_path, outputs)
-        ov_model = ov.convert_model(str(onnx_path))
-        # Weights stay float32 (save_model would store them as fp16 by default).
-        ov.save_model(ov_model, str(path), compress_to_fp16=False)
+    write_graph(graph, (image,), path, fmt, input_names=["image"], output_names=outputs,
+                dynamic_axes=axes)
 
 
 @torch.no_grad()
 def export_model(model: nn.Module, output_dir: Path, fmt: str, *,
                  trace_size: Tuple[int, int] = (480, 640),
-                 source: Optional[Dict[str, str]] = None) -> ExportInfo:
+                 source: Optional[Dict[str, str]] = None,
+                 split: Optional[bool] = None) -> ExportInfo:
     """Write ``model`` (eval mode, plain, float32) in ``fmt`` into ``output_dir``, with its
-    ``export.json``; returns the info written (without the check: see ``check_export``)."""
+    ``export.json``; returns the info written (without the check: see ``check_export``).
+
+    ``split`` (default: for OpenVINO IR) also writes the model as two graphs, backbone and
+    heads (``split.py``), which the OpenVINO runtime's bf16 mode runs in bf16 and float32."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
     bad = unsupported_parts(model, fmt)
@@ -155,18 +170,26 @@ def export_model(model: nn.Module, output_dir: Path, fmt: str, *,
     graph = SingleImageGraph(model).eval()
     image = sample_image(*trace_size)
     path = output_dir / MODEL_FILES[fmt]
-    if fmt == "onnx":
-        _write_onnx(graph, image, path, outputs)
-    elif fmt == "openvino":
-        _write_openvino(graph, image, path, outputs)
+    if fmt in ("onnx", "openvino"):
+        _write_whole(graph, image, path, fmt, outputs)
     else:
         _trace(graph, image).save(str(path))
+    if split is None:
+        split = fmt == "openvino"
+    parts: Dict[str, Any] = {}
+    if split:
+        if fmt not in SPLIT_FORMATS:
+            raise ValueError(f"a split export (backbone and heads graphs) is written for "
+                             f"{', '.join(SPLIT_FORMATS)}, not {fmt}")
+        from .split import write_split
+
+        parts = write_split(model, image, output_dir, fmt, outputs)
     meta = model.metadata
     info = ExportInfo(format=fmt, model_file=path.name, outputs=outputs,
                       class_names=list(meta.class_names),
                       category_ids=[int(i) for i in meta.category_ids],
                       mask_threshold=float(getattr(model, "mask_threshold", 0.5)),
-                      source=dict(source or {}))
+                      source=dict(source or {}), parts=parts)
     info.save(output_dir)
     return info
 

@@ -4,6 +4,7 @@ model's interface: ``model(images)`` returns per image the same dict (``boxes``,
 evaluation and the submission tool run unchanged on any runtime."""
 
 import importlib
+import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -14,6 +15,8 @@ from torch import Tensor
 from detection.modeling.metadata import Metadata
 
 from .export import ExportInfo
+
+logger = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16")
@@ -96,42 +99,92 @@ class OnnxRuntimeModel(DeployedModel):
 class OpenVINOModel(DeployedModel):
     """OpenVINO's CPU plugin, float32 (``INFERENCE_PRECISION_HINT f32``) or bf16.
 
-    In bf16 the plugin runs the convolutions, fully connected layers, RoIAlign and the input
-    resize in bf16 and keeps the "graph tail" (every node after the last convolution or
-    fully connected layer on the way to an output) in float32: box decoding, the score
-    softmax, top-k, NMS, the rescaling of boxes and the pasting of masks (checked on the
-    compiled model's runtime precisions, see ``runtime_precisions``)."""
+    bf16 runs an export's two graphs (``split.py``): the backbone graph (preprocessing,
+    ResNet and FPN) compiled in bf16, the heads graph (RPN, RoI heads, box decoding, softmax,
+    NMS, rescaling, masks) in float32 -- the arrangement of the torch runtime's bf16 mode,
+    which keeps the detections. On an export without the two graphs (an ONNX file exported
+    without ``split``), bf16 is OpenVINO's own: every convolution and fully connected layer in
+    bf16, only the graph tail after the last of them in float32; it loses detections (87%
+    kept on the trained shapes default), and a warning says so. ``arrangement`` names which
+    one runs."""
 
     def __init__(self, directory: Path, info: ExportInfo, *, precision: str = "fp32",
-                 threads: int = 0) -> None:
+                 threads: int = 0, split: Optional[bool] = None) -> None:
         super().__init__(info, "openvino", precision)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         ov = require("openvino")
         core = ov.Core()
-        config: Dict[str, Any] = {
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
-            "INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16",
-        }
-        self.compiled = core.compile_model(str(directory / info.model_file), "CPU", config)
+
+        def compile_(file: str, hint: str) -> Any:
+            config: Dict[str, Any] = {
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+                "INFERENCE_PRECISION_HINT": hint,
+            }
+            return core.compile_model(str(directory / file), "CPU", config)
+
+        self.stages: List[Any] = []
+        if split and not info.parts:
+            raise ValueError(f"{directory} has no backbone/heads graphs (export with --format "
+                             "openvino, or --split)")
+        if info.parts and (split or (split is None and precision == "bf16")):
+            hint = "f32" if precision == "fp32" else "bf16"
+            self.arrangement = f"split: backbone {hint}, heads f32"
+            self.stages = [compile_(info.parts["backbone"], hint),
+                           compile_(info.parts["heads"], "f32")]
+            self.compiled = self.stages[0]
+            self._backbone, self._heads = (c.create_infer_request() for c in self.stages)
+            return
+        if precision == "bf16":
+            self.arrangement = "openvino default bf16"
+            logger.warning(
+                "%s has no backbone/heads graphs (export with --format openvino, or split=True):"
+                " OpenVINO's own bf16 runs the heads in bf16 too and loses detections",
+                directory)
+        else:
+            self.arrangement = "f32"
+        self.compiled = compile_(info.model_file, "f32" if precision == "fp32" else "bf16")
+        self.stages = [self.compiled]
         self.request = self.compiled.create_infer_request()
 
+    def stage_precisions(self) -> List[Dict[str, Dict[str, int]]]:
+        """Per compiled graph (backbone, heads for a split model), per layer type, how many
+        of its nodes run in each precision."""
+        out = []
+        for compiled in self.stages:
+            counts: Dict[str, Dict[str, int]] = {}
+            for op in compiled.get_runtime_model().get_ordered_ops():
+                rt = op.get_rt_info()
+                kind, prec = rt["layerType"].astype(str), rt["runtimePrecision"].astype(str)
+                counts.setdefault(kind, {}).setdefault(prec, 0)
+                counts[kind][prec] += 1
+            out.append(counts)
+        return out
+
     def runtime_precisions(self) -> Dict[str, Dict[str, int]]:
-        """Per layer type of the compiled graph, how many of its nodes run in each
-        precision."""
-        counts: Dict[str, Dict[str, int]] = {}
-        for op in self.compiled.get_runtime_model().get_ordered_ops():
-            rt = op.get_rt_info()
-            kind, prec = rt["layerType"].astype(str), rt["runtimePrecision"].astype(str)
-            counts.setdefault(kind, {}).setdefault(prec, 0)
-            counts[kind][prec] += 1
-        return counts
+        """``stage_precisions`` summed over the graphs."""
+        total: Dict[str, Dict[str, int]] = {}
+        for counts in self.stage_precisions():
+            for kind, precs in counts.items():
+                for prec, n in precs.items():
+                    total.setdefault(kind, {}).setdefault(prec, 0)
+                    total[kind][prec] += n
+        return total
 
     def _run(self, image: np.ndarray) -> List[np.ndarray]:
+        n = len(self.info.outputs)
+        if len(self.stages) == 2:
+            ov = require("openvino")
+            self._backbone.infer({0: image})
+            heads = self._heads
+            heads.set_input_tensor(0, ov.Tensor(image, shared_memory=True))
+            for i in range(len(self.info.parts["features"]) + 1):  # sizes, then features
+                heads.set_input_tensor(i + 1, self._backbone.get_output_tensor(i))
+            heads.infer()
+            return [heads.get_output_tensor(i).data.copy() for i in range(n)]
         self.request.infer({0: image})
-        return [self.request.get_output_tensor(i).data.copy()
-                for i in range(len(self.info.outputs))]
+        return [self.request.get_output_tensor(i).data.copy() for i in range(n)]
 
 
 class TorchScriptModel(DeployedModel):
@@ -146,10 +199,13 @@ class TorchScriptModel(DeployedModel):
 
 
 def load_exported(directory: Path, runtime: Optional[str] = None, *,
-                  precision: str = "fp32", threads: int = 0) -> DeployedModel:
+                  precision: str = "fp32", threads: int = 0,
+                  split: Optional[bool] = None) -> DeployedModel:
     """The model exported into ``directory``, in ``runtime`` (default: the one its format
     is for: ONNX -> onnxruntime, OpenVINO IR -> openvino, TorchScript -> torch). ONNX files
-    also run in OpenVINO."""
+    also run in OpenVINO. ``split`` (OpenVINO): run the backbone and heads graphs (default:
+    for bf16, where the export has them); ``False`` runs the whole graph, in bf16 in
+    OpenVINO's own arrangement (for comparison)."""
     directory = Path(directory)
     info = ExportInfo.load(directory)
     fmt = info.format
@@ -161,7 +217,8 @@ def load_exported(directory: Path, runtime: Optional[str] = None, *,
                              "and openvino runtimes")
         return OnnxRuntimeModel(directory, info, threads=threads)
     if runtime == "openvino" and fmt in ("onnx", "openvino"):
-        return OpenVINOModel(directory, info, precision=precision, threads=threads)
+        return OpenVINOModel(directory, info, precision=precision, threads=threads,
+                             split=split)
     if runtime == "torch" and fmt == "torchscript":
         return TorchScriptModel(directory, info)
     raise ValueError(f"{directory} holds a {fmt} export, which the {runtime!r} runtime does "

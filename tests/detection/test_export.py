@@ -54,18 +54,21 @@ def lively_model(name: str, extra=()):
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def exported(request, tmp_path_factory):
     """(name, eager model, {runtime: deployed model}) for each config: an ONNX export run in
-    onnxruntime and in OpenVINO, and a TorchScript export."""
+    onnxruntime and in OpenVINO (whole, and as its backbone and heads graphs), and a
+    TorchScript export."""
     model = lively_model(request.param)
     root = tmp_path_factory.mktemp(request.param)
-    export_model(model, root / "onnx", "onnx")
+    export_model(model, root / "onnx", "onnx", split=True)
     export_model(model, root / "ts", "torchscript")
     runtimes = {"onnxruntime": load_exported(root / "onnx"),
-                "openvino": load_exported(root / "onnx", "openvino"),
+                "openvino": load_exported(root / "onnx", "openvino", split=False),
+                "openvino-split": load_exported(root / "onnx", "openvino", split=True),
                 "torchscript": load_exported(root / "ts")}
+    assert runtimes["openvino-split"].arrangement == "split: backbone f32, heads f32"
     return request.param, model, runtimes
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino", "torchscript"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino", "openvino-split", "torchscript"])
 def test_runtime_parity(exported, runtime):
     name, model, runtimes = exported
     deployed = runtimes[runtime]
@@ -107,12 +110,13 @@ def test_no_detections_gives_empty_outputs(tmp_path):
     model = lively_model("mask")
     with torch.no_grad():
         model.roi_heads.box_predictor.cls_score.bias[-1] = 100.0
-    export_model(model, tmp_path / "onnx", "onnx")
+    export_model(model, tmp_path / "onnx", "onnx", split=True)
     export_model(model, tmp_path / "ts", "torchscript")
     image = sample_image(120, 90, seed=1)
     with torch.no_grad():
         assert model([image])[0]["boxes"].shape == (0, 4)
     for deployed in (load_exported(tmp_path / "onnx"), load_exported(tmp_path / "onnx", "openvino"),
+                     load_exported(tmp_path / "onnx", "openvino", precision="bf16"),
                      load_exported(tmp_path / "ts")):
         out = deployed([image])[0]
         assert out["boxes"].shape == (0, 4), deployed
@@ -124,6 +128,9 @@ def test_openvino_ir_and_export_check(tmp_path):
     model = lively_model("fpn")
     info = export_model(model, tmp_path, "openvino")
     assert (tmp_path / "model.xml").is_file() and (tmp_path / "model.bin").is_file()
+    assert info.parts["features"] == ["p2", "p3", "p4", "p5", "p6"]
+    for part in ("backbone", "heads"):
+        assert (tmp_path / info.parts[part]).with_suffix(".bin").is_file()
     # weights stay float32 in the IR (~4 bytes per parameter)
     params = sum(p.numel() for p in model.parameters())
     assert (tmp_path / "model.bin").stat().st_size > 3.5 * params

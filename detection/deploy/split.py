@@ -1,0 +1,129 @@
+"""A detector exported as two graphs, so that a runtime can run each in its own precision.
+
+OpenVINO's CPU plugin takes one precision hint per compiled model, and in bf16 it runs every
+convolution and fully connected layer in bf16, the RPN head and the box head included (its
+markers to keep a node in float32 are not honoured by the CPU plugin). That moves the
+proposals and the final boxes enough to lose detections (measured: 87% kept on the trained
+shapes default). Split in two, the detector runs as the torch bf16 mode does:
+
+- ``backbone``: image -> preprocessing (normalize, resize, pad) -> backbone features, plus the
+  sizes the heads need; compiled in bf16.
+- ``heads``: image (for its size), sizes, features -> RPN, RoI heads, rescaling, masks;
+  compiled in float32.
+
+The heads graph is traced from the unchanged model: while it is traced, the model's
+preprocessor and backbone are stood in for by modules that return the graph's inputs
+(:func:`_fed`), so no second copy of the model's code exists.
+"""
+
+import contextlib
+from typing import Dict, Iterator, List, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from detection.modeling.tracing import as_size, size_tensor
+
+from .export import SingleImageGraph
+
+SPLIT_FILES = {"onnx": ("backbone.onnx", "heads.onnx"), "openvino": ("backbone.xml", "heads.xml")}
+
+
+class BackboneGraph(nn.Module):
+    """image ``(3, H, W)`` -> (sizes ``[h, w, padded_h, padded_w]`` int64, *features)."""
+
+    def __init__(self, model: nn.Module, feature_names: Sequence[str]) -> None:
+        super().__init__()
+        self.model, self.feature_names = model, list(feature_names)
+
+    def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
+        batch, sizes, _ = self.model.preprocessor([image])
+        features = self.model.backbone(batch)
+        (h, w), (ph, pw) = sizes[0], batch.shape[-2:]
+        hw = size_tensor([h, w, ph, pw], dtype=torch.int64, device=batch.device)
+        return (hw, *[features[name] for name in self.feature_names])
+
+
+class _FedPreprocessor(nn.Module):
+    """Returns the sizes given to the heads graph instead of preprocessing: a zero-strided
+    batch of the padded size (only its shape is read) and the resized size."""
+
+    def __init__(self, sizes: Tensor) -> None:
+        super().__init__()
+        self.sizes = sizes
+
+    def forward(self, images: Sequence[Tensor], targets=None):
+        h, w, ph, pw = (as_size(self.sizes[i]) for i in range(4))
+        batch = images[0].new_zeros(()).expand(1, 3, ph, pw)
+        return batch, [(h, w)], None
+
+
+class _FedBackbone(nn.Module):
+    def __init__(self, features: Dict[str, Tensor]) -> None:
+        super().__init__()
+        self.features = features
+
+    def forward(self, batch: Tensor) -> Dict[str, Tensor]:
+        return dict(self.features)
+
+
+@contextlib.contextmanager
+def _fed(model: nn.Module, sizes: Tensor, features: Dict[str, Tensor]) -> Iterator[None]:
+    """``model`` with its preprocessor and backbone returning ``sizes`` and ``features``."""
+    pre, backbone = model.preprocessor, model.backbone
+    model.preprocessor, model.backbone = _FedPreprocessor(sizes), _FedBackbone(features)
+    try:
+        yield
+    finally:
+        model.preprocessor, model.backbone = pre, backbone
+
+
+class HeadsGraph(nn.Module):
+    """(image, sizes, *features) -> the detector's outputs, as :class:`SingleImageGraph`."""
+
+    def __init__(self, model: nn.Module, feature_names: Sequence[str]) -> None:
+        super().__init__()
+        self.whole = SingleImageGraph(model)
+        self.feature_names = list(feature_names)
+
+    def forward(self, image: Tensor, sizes: Tensor, *features: Tensor) -> Tuple[Tensor, ...]:
+        model = self.whole.model
+        with _fed(model, sizes, dict(zip(self.feature_names, features))):
+            return self.whole(image)
+
+
+def feature_names(model: nn.Module, image: Tensor) -> List[str]:
+    """The backbone's output names, in the order it returns them."""
+    with torch.no_grad():
+        batch, _, _ = model.preprocessor([image])
+        return list(model.backbone(batch))
+
+
+def write_split(model: nn.Module, image: Tensor, output_dir, fmt: str,
+                outputs: Sequence[str]) -> Dict[str, object]:
+    """Write the backbone and heads graphs of ``model`` in ``fmt`` ("onnx" or "openvino")
+    into ``output_dir``; returns what ``export.json`` records of them."""
+    from pathlib import Path
+
+    from .export import write_graph
+
+    names = feature_names(model, image)
+    backbone_file, heads_file = SPLIT_FILES[fmt]
+    backbone = BackboneGraph(model, names).eval()
+    with torch.no_grad():
+        sizes, *features = backbone(image)
+    out = Path(output_dir)
+    write_graph(backbone, (image,), out / backbone_file, fmt, input_names=["image"],
+                output_names=["sizes", *names],
+                dynamic_axes={"image": {1: "height", 2: "width"},
+                              **{n: {2: f"{n}_h", 3: f"{n}_w"} for n in names}})
+    heads = HeadsGraph(model, names).eval()
+    axes = {"image": {1: "height", 2: "width"},
+            **{n: {2: f"{n}_h", 3: f"{n}_w"} for n in names},
+            **{n: {0: "detections"} for n in outputs}}
+    if "masks" in outputs:
+        axes["masks"] = {0: "detections", 2: "height", 3: "width"}
+    write_graph(heads, (image, sizes, *features), out / heads_file, fmt,
+                input_names=["image", "sizes", *names], output_names=list(outputs),
+                dynamic_axes=axes)
+    return {"backbone": backbone_file, "heads": heads_file, "features": names}
