@@ -23,15 +23,16 @@ def test_each_family_is_declared_once_by_its_package():
     assert FAMILIES["MaskRCNN"] is segmentation.mask_rcnn.MASK_RCNN
     assert FAMILIES["SemanticSegmentor"] is segmentation.semantic.SEMANTIC_SEGMENTOR
     assert FAMILIES["PanopticFPN"] is segmentation.panoptic.PANOPTIC_FPN
-    assert {f.declared_by for n, f in FAMILIES.items() if n != "GeneralizedRCNN"
-            and n != "FasterRCNN"} == {"segmentation"}
+    assert FAMILIES["RetinaNet"].declared_by == "detection"
+    assert {f.declared_by for f in FAMILIES.values()
+            if f.name not in ("GeneralizedRCNN", "RetinaNet")} == {"segmentation"}
     cfg = load_config("mask_rcnn_r18_fpn_shapes.yaml")
     assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" and cfg.MODEL.MASK_ON
     assert family_name(cfg) == "MaskRCNN"  # detectron2's spelling of Mask R-CNN
     cfg.MODEL.MASK_ON = False
     assert get_family(cfg) is FAMILIES["GeneralizedRCNN"]
-    cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
-    with pytest.raises(ValueError, match=r"'RetinaNet' is not a registered model family"):
+    cfg.MODEL.META_ARCHITECTURE = "CascadeRCNN"
+    with pytest.raises(ValueError, match=r"'CascadeRCNN' is not a registered model family"):
         get_family(cfg)
 
 
