@@ -88,15 +88,17 @@ def unsupported_parts(model: nn.Module, fmt: str) -> List[str]:
         if kind in ("FusedConv2d", "FusedLinear", "FusedBlock", "FusedStem"):
             bad.append(f"{name} (fused oneDNN op: export the plain model, load_model(..., "
                        "optimize=False))")
-    if not hasattr(model, "roi_heads"):
-        bad.append(f"the model ({type(model).__name__}): export covers Faster R-CNN and "
-                   "Mask R-CNN")
+    from detection.modeling.retinanet import RetinaNet
+
+    if not hasattr(model, "roi_heads") and not isinstance(model, RetinaNet):
+        bad.append(f"the model ({type(model).__name__}): export covers Faster R-CNN, "
+                   "Mask R-CNN and RetinaNet")
     return bad
 
 
 def _output_names(model: nn.Module) -> List[str]:
     names = ["boxes", "scores", "labels"]
-    if getattr(model.roi_heads, "mask_head", None) is not None:
+    if getattr(getattr(model, "roi_heads", None), "mask_head", None) is not None:
         names.append("masks")
     return names
 
