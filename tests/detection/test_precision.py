@@ -84,23 +84,54 @@ def test_bf16_keeps_detections_in_torch(trained):
     assert total >= 16 and matched / total >= 0.99, (matched, total)
 
 
-def test_openvino_bf16_keeps_the_graph_tail_in_float32(trained, tmp_path):
-    """OpenVINO's bf16 is its own: it runs every convolution and fully connected layer in bf16
-    (the RPN head and the box head too), and keeps the graph tail (decoding, softmax, top-k,
-    NMS, rescaling) in float32. It holds detections more loosely than the torch bf16 mode
-    (measured on the trained shapes default: 87% under the bf16 bar, AP -0.37)."""
-    export_model(trained, tmp_path, "onnx")
+def _agreement(reference, candidate, images):
+    matched = total = 0
+    for img in images:
+        ref, got = reference([img])[0], candidate([img])[0]
+        assert got["boxes"].dtype == torch.float32
+        a = compare_detections(ref, got, iou=0.95, score_tol=0.02, min_score=0.07)
+        matched, total = matched + a.matched, total + a.reference
+    return matched, total
+
+
+def test_openvino_bf16_keeps_detections(trained, tmp_path):
+    """An OpenVINO IR export holds the backbone and heads graphs too; the openvino runtime's
+    bf16 compiles the backbone in bf16 and the heads in float32, as the torch bf16 mode
+    does. Measured on this model: 93 of 94 detections kept (98.9%; OpenVINO's own bf16 on
+    the whole graph: about 87%); the bar is 98%, one point under the torch mode's, for
+    OpenVINO's bf16 kernels round differently from oneDNN's in torch."""
+    info = export_model(trained, tmp_path, "openvino")
+    assert info.parts["backbone"] == "backbone.xml" and info.parts["heads"] == "heads.xml"
     f32 = load_exported(tmp_path, "openvino", precision="fp32")
     bf16 = load_exported(tmp_path, "openvino", precision="bf16")
+    assert bf16.arrangement.startswith("split")
+    backbone, heads = bf16.stage_precisions()
+    assert set(backbone["Convolution"]) == {"bf16"}
+    for kind in ("Convolution", "FullyConnected", "ROIAlign", "Softmax", "TopK"):
+        if kind in heads:
+            assert set(heads[kind]) == {"f32"}, (kind, heads[kind])
+    images, _ = shapes(16, seed=1)
+    with torch.inference_mode():
+        matched, total = _agreement(f32, bf16, images)
+    assert total >= 16 and matched / total >= 0.98, (matched, total)
+
+
+def test_openvino_default_bf16_keeps_the_graph_tail_in_float32(trained, tmp_path, caplog):
+    """OpenVINO's own bf16 (an ONNX export without the split graphs) runs every convolution
+    and fully connected layer in bf16 (the RPN head and the box head too), and keeps the
+    graph tail (decoding, softmax, top-k, NMS, rescaling) in float32. It holds detections
+    more loosely (measured on the trained shapes default: 87% under the bf16 bar, AP
+    -0.37), and the runtime warns."""
+    export_model(trained, tmp_path, "onnx")
+    f32 = load_exported(tmp_path, "openvino", precision="fp32")
+    with caplog.at_level("WARNING"):
+        bf16 = load_exported(tmp_path, "openvino", precision="bf16")
+    assert bf16.arrangement == "openvino default bf16"
+    assert "loses detections" in caplog.text
     precisions = bf16.runtime_precisions()
     assert set(precisions["Convolution"]) == {"bf16"}
     for tail in ("Softmax", "TopK"):
         assert set(precisions[tail]) == {"f32"}, (tail, precisions[tail])
     images, _ = shapes(8, seed=1)
-    matched = total = 0
-    for img in images:
-        ref, got = f32([img])[0], bf16([img])[0]
-        assert got["boxes"].dtype == torch.float32
-        a = compare_detections(ref, got, iou=0.95, score_tol=0.02, min_score=0.07)
-        matched, total = matched + a.matched, total + a.reference
+    matched, total = _agreement(f32, bf16, images)
     assert total >= 16 and matched / total >= 0.75, (matched, total)
