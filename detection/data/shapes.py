@@ -130,11 +130,11 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-def _make_image(rng: np.random.Generator, sizes: tuple[int, int]):
-    lo, hi = sizes
-    h = int(rng.integers(lo // 16, hi // 16 + 1)) * 16
-    w = int(rng.integers(lo // 16, hi // 16 + 1)) * 16
-    img = _background(rng, h, w)
+def paint_shapes(rng: np.random.Generator, img: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
+    """Paint 0-5 shapes (none in 5% of images) into ``img`` ``(h, w, 3)`` float32, each
+    leaving at least half of every earlier one visible; -> their visible masks (later shapes
+    cut earlier ones) and classes."""
+    h, w = img.shape[:2]
     n = 0 if rng.random() < 0.05 else int(rng.integers(1, 6))
     visible: list[np.ndarray] = []
     classes: list[int] = []
@@ -154,6 +154,15 @@ def _make_image(rng: np.random.Generator, sizes: tuple[int, int]):
         colour = _COLOURS[int(rng.integers(0, len(_COLOURS)))]
         shade = rng.normal(0, 6, size=(int(m.sum()), 1)).astype(np.float32)
         img[m] = colour[None, :] + shade
+    return visible, classes
+
+
+def _make_image(rng: np.random.Generator, sizes: tuple[int, int]):
+    lo, hi = sizes
+    h = int(rng.integers(lo // 16, hi // 16 + 1)) * 16
+    w = int(rng.integers(lo // 16, hi // 16 + 1)) * 16
+    img = _background(rng, h, w)
+    visible, classes = paint_shapes(rng, img)
     keep = [i for i, v in enumerate(visible) if v.sum() >= 20]
     visible = [visible[i] for i in keep]
     classes = [classes[i] for i in keep]

@@ -31,11 +31,10 @@ import numpy as np
 from PIL import Image
 
 from detection.data.shapes import (
-    _COLOURS,
     SHAPES_CATEGORY_IDS,
     SHAPES_CLASSES,
-    _shape_mask,
     default_shapes_root,
+    paint_shapes,
 )
 
 from .format import id2rgb
@@ -108,24 +107,7 @@ def _make_image(rng: np.random.Generator, sizes: tuple[int, int]):
     for b, c in enumerate(classes):
         tex = _texture(rng, int(c), h, w)
         img[bands == b] = tex[bands == b]
-    n = 0 if rng.random() < 0.05 else int(rng.integers(1, 6))
-    visible: list[np.ndarray] = []
-    shape_classes: list[int] = []
-    for _ in range(n):
-        cls = int(rng.integers(0, len(SHAPES_CLASSES)))
-        for _attempt in range(10):
-            m = _shape_mask(rng, cls, h, w)
-            if m.sum() < 30:
-                continue
-            if all((v & ~m).sum() >= 0.5 * v.sum() for v in visible):
-                break
-        else:
-            continue
-        visible = [v & ~m for v in visible]
-        visible.append(m)
-        shape_classes.append(cls)
-        colour = _COLOURS[int(rng.integers(0, len(_COLOURS)))]
-        img[m] = colour[None, :] + rng.normal(0, 6, size=(int(m.sum()), 1)).astype(np.float32)
+    visible, shape_classes = paint_shapes(rng, img)
     ids = np.zeros((h, w), np.int64)
     segments = []
     for b, c in enumerate(classes):
