@@ -1,6 +1,6 @@
 """RetinaNet R50-FPN inference: ours against torchvision's ``retinanet_resnet50_fpn``, same
 weights (random, with calibrated BatchNorm statistics and a lively classification head, so
-that hundreds of scores pass 0.05), same process, one 800x1067 image.
+that hundreds of scores pass 0.05), same process, one 800x1067 image, timed round-robin.
 
     python benchmarks/bench_retinanet.py [--runs 5] [--threads 2]
 
@@ -31,14 +31,18 @@ from detection.modeling.retinanet_convert import to_ours  # noqa: E402
 CONFIG = Path(__file__).resolve().parents[1] / "configs/torchvision/retinanet_resnet50_fpn.yaml"
 
 
-def median_time(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
+def median_times(fns, runs: int):
+    """Median seconds of each function, timed round-robin (a warm-up each first), so that a
+    change in the machine's load touches every row alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 @torch.no_grad()
@@ -86,8 +90,10 @@ def main() -> None:
         expected = ref([img / 255])[0]
         rows = {"ours, plain": plain, "ours, optimized": fast}
         got = {name: m([img])[0] for name, m in rows.items()}
-        t_ref = median_time(lambda: ref([img / 255]), args.runs)
-        times = {name: median_time(lambda m=m: m([img]), args.runs) for name, m in rows.items()}
+        fns = {"torchvision": lambda: ref([img / 255])}
+        fns.update({name: (lambda m=m: m([img])) for name, m in rows.items()})
+        times = median_times(fns, args.runs)
+        t_ref = times.pop("torchvision")
     print(f"RetinaNet R50-FPN inference, 800x1067, {torch.get_num_threads()} threads, median of "
           f"{args.runs}; torchvision returns {expected['boxes'].shape[0]} detections")
     print(f"  torchvision       {t_ref:.3f} s   ratio 1.000")
