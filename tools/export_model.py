@@ -13,8 +13,8 @@ resizing, normalization and the mapping back to input pixels are inside it. Afte
 the tool runs the file on two sample images, compares it with the eager model and prints the
 agreement (also stored in OUTPUT/export.json).
 
-OpenVINO IR exports (and ONNX ones with --split) also hold the model as two graphs, backbone
-and heads, so that `--runtime openvino --precision bf16` runs the backbone in bf16 and the
+OpenVINO IR exports (and ONNX ones with --split) also hold the model as three graphs, preprocess,
+backbone and heads, so that `--runtime openvino --precision bf16` runs the backbone in bf16 and the
 heads in float32 (OpenVINO's own bf16 would run the heads in bf16 too and lose detections).
 """
 
@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     parser.add_argument("--trace-size", type=int, nargs=2, default=(480, 640),
                         metavar=("H", "W"), help="size of the sample image traced")
     parser.add_argument("--split", action="store_true", default=None,
-                        help="also write backbone and heads graphs (default for openvino)")
+                        help="also write preprocess, backbone and heads graphs "
+                             "(default for openvino)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip running the export against the eager model")
     args = parser.parse_args(argv)

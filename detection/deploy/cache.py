@@ -38,11 +38,11 @@ def export_cached(model: nn.Module, cfg: Any, weights: Optional[str], *, runtime
     key = hashlib.sha256(f"{cfg.dump()}\n{_weights_identity(weights)}".encode())
     directory = cache_root() / key.hexdigest()[:20]
     try:
-        if not ExportInfo.load(directory).parts:  # cached before split exports
+        if "preprocess" not in ExportInfo.load(directory).parts:  # cached before the split
             raise FileNotFoundError(directory)
     except (FileNotFoundError, TypeError, ValueError):
         logger.info("Exporting the model to ONNX in %s", directory)
-        # The backbone and heads graphs too: OpenVINO's bf16 runs them in two precisions.
+        # The split graphs too: OpenVINO's bf16 runs the backbone in bf16, the rest in f32.
         export_model(model, directory, "onnx", source={"weights": weights or ""},
                      split=True)
         check = check_export(model, directory)

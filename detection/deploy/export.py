@@ -158,8 +158,9 @@ def export_model(model: nn.Module, output_dir: Path, fmt: str, *,
     """Write ``model`` (eval mode, plain, float32) in ``fmt`` into ``output_dir``, with its
     ``export.json``; returns the info written (without the check: see ``check_export``).
 
-    ``split`` (default: for OpenVINO IR) also writes the model as two graphs, backbone and
-    heads (``split.py``), which the OpenVINO runtime's bf16 mode runs in bf16 and float32."""
+    ``split`` (default: for OpenVINO IR) also writes the model as three graphs, preprocess,
+    backbone and heads (``split.py``): the OpenVINO runtime's bf16 mode runs the backbone in
+    bf16 and the others in float32."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
     bad = unsupported_parts(model, fmt)
@@ -181,8 +182,8 @@ def export_model(model: nn.Module, output_dir: Path, fmt: str, *,
     parts: Dict[str, Any] = {}
     if split:
         if fmt not in SPLIT_FORMATS:
-            raise ValueError(f"a split export (backbone and heads graphs) is written for "
-                             f"{', '.join(SPLIT_FORMATS)}, not {fmt}")
+            raise ValueError(f"a split export (preprocess, backbone and heads graphs) is "
+                             f"written for {', '.join(SPLIT_FORMATS)}, not {fmt}")
         from .split import write_split
 
         parts = write_split(model, image, output_dir, fmt, outputs)

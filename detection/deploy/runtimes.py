@@ -99,14 +99,14 @@ class OnnxRuntimeModel(DeployedModel):
 class OpenVINOModel(DeployedModel):
     """OpenVINO's CPU plugin, float32 (``INFERENCE_PRECISION_HINT f32``) or bf16.
 
-    bf16 runs an export's two graphs (``split.py``): the backbone graph (preprocessing,
-    ResNet and FPN) compiled in bf16, the heads graph (RPN, RoI heads, box decoding, softmax,
-    NMS, rescaling, masks) in float32 -- the arrangement of the torch runtime's bf16 mode,
-    which keeps the detections. On an export without the two graphs (an ONNX file exported
-    without ``split``), bf16 is OpenVINO's own: every convolution and fully connected layer in
-    bf16, only the graph tail after the last of them in float32; it loses detections (87%
-    kept on the trained shapes default), and a warning says so. ``arrangement`` names which
-    one runs."""
+    bf16 runs an export's split graphs (``split.py``): the backbone graph (ResNet and FPN)
+    compiled in bf16, the preprocessing graph (normalize, resize, pad) and the heads graph
+    (RPN, RoI heads, box decoding, softmax, NMS, rescaling, masks) in float32 -- the
+    arrangement of the torch runtime's bf16 mode. On an export without the split graphs (an
+    ONNX file exported without ``split``), bf16 is OpenVINO's own: every convolution and
+    fully connected layer in bf16, only the graph tail after the last of them in float32; it
+    loses detections (86-87% kept on the trained shapes default), and a warning says so.
+    ``arrangement`` names which one runs."""
 
     def __init__(self, directory: Path, info: ExportInfo, *, precision: str = "fp32",
                  threads: int = 0, split: Optional[bool] = None) -> None:
@@ -126,20 +126,21 @@ class OpenVINOModel(DeployedModel):
 
         self.stages: List[Any] = []
         if split and not info.parts:
-            raise ValueError(f"{directory} has no backbone/heads graphs (export with --format "
+            raise ValueError(f"{directory} has no split graphs (export with --format "
                              "openvino, or --split)")
         if info.parts and (split or (split is None and precision == "bf16")):
             hint = "f32" if precision == "fp32" else "bf16"
-            self.arrangement = f"split: backbone {hint}, heads f32"
-            self.stages = [compile_(info.parts["backbone"], hint),
+            self.arrangement = f"split: backbone {hint}, preprocess and heads f32"
+            self.stages = [compile_(info.parts["preprocess"], "f32"),
+                           compile_(info.parts["backbone"], hint),
                            compile_(info.parts["heads"], "f32")]
-            self.compiled = self.stages[0]
-            self._backbone, self._heads = (c.create_infer_request() for c in self.stages)
+            self.compiled = self.stages[1]
+            self._requests = [c.create_infer_request() for c in self.stages]
             return
         if precision == "bf16":
             self.arrangement = "openvino default bf16"
             logger.warning(
-                "%s has no backbone/heads graphs (export with --format openvino, or split=True):"
+                "%s has no split graphs (export with --format openvino, or split=True):"
                 " OpenVINO's own bf16 runs the heads in bf16 too and loses detections",
                 directory)
         else:
@@ -149,8 +150,8 @@ class OpenVINOModel(DeployedModel):
         self.request = self.compiled.create_infer_request()
 
     def stage_precisions(self) -> List[Dict[str, Dict[str, int]]]:
-        """Per compiled graph (backbone, heads for a split model), per layer type, how many
-        of its nodes run in each precision."""
+        """Per compiled graph (preprocess, backbone, heads for a split model), per layer
+        type, how many of its nodes run in each precision."""
         out = []
         for compiled in self.stages:
             counts: Dict[str, Dict[str, int]] = {}
@@ -174,13 +175,17 @@ class OpenVINOModel(DeployedModel):
 
     def _run(self, image: np.ndarray) -> List[np.ndarray]:
         n = len(self.info.outputs)
-        if len(self.stages) == 2:
+        if len(self.stages) == 3:
             ov = require("openvino")
-            self._backbone.infer({0: image})
-            heads = self._heads
-            heads.set_input_tensor(0, ov.Tensor(image, shared_memory=True))
-            for i in range(len(self.info.parts["features"]) + 1):  # sizes, then features
-                heads.set_input_tensor(i + 1, self._backbone.get_output_tensor(i))
+            pre, backbone, heads = self._requests
+            image_tensor = ov.Tensor(image, shared_memory=True)
+            pre.infer({0: image_tensor})
+            backbone.set_input_tensor(0, pre.get_output_tensor(1))
+            backbone.infer()
+            heads.set_input_tensor(0, image_tensor)
+            heads.set_input_tensor(1, pre.get_output_tensor(0))
+            for i in range(len(self.info.parts["features"])):
+                heads.set_input_tensor(i + 2, backbone.get_output_tensor(i))
             heads.infer()
             return [heads.get_output_tensor(i).data.copy() for i in range(n)]
         self.request.infer({0: image})
@@ -203,9 +208,9 @@ def load_exported(directory: Path, runtime: Optional[str] = None, *,
                   split: Optional[bool] = None) -> DeployedModel:
     """The model exported into ``directory``, in ``runtime`` (default: the one its format
     is for: ONNX -> onnxruntime, OpenVINO IR -> openvino, TorchScript -> torch). ONNX files
-    also run in OpenVINO. ``split`` (OpenVINO): run the backbone and heads graphs (default:
-    for bf16, where the export has them); ``False`` runs the whole graph, in bf16 in
-    OpenVINO's own arrangement (for comparison)."""
+    also run in OpenVINO. ``split`` (OpenVINO): run the preprocess, backbone and heads
+    graphs (default: for bf16, where the export has them); ``False`` runs the whole graph,
+    in bf16 in OpenVINO's own arrangement (for comparison)."""
     directory = Path(directory)
     info = ExportInfo.load(directory)
     fmt = info.format

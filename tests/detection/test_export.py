@@ -54,7 +54,7 @@ def lively_model(name: str, extra=()):
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def exported(request, tmp_path_factory):
     """(name, eager model, {runtime: deployed model}) for each config: an ONNX export run in
-    onnxruntime and in OpenVINO (whole, and as its backbone and heads graphs), and a
+    onnxruntime and in OpenVINO (whole, and as its preprocess, backbone and heads graphs), and a
     TorchScript export."""
     model = lively_model(request.param)
     root = tmp_path_factory.mktemp(request.param)
@@ -64,7 +64,7 @@ def exported(request, tmp_path_factory):
                 "openvino": load_exported(root / "onnx", "openvino", split=False),
                 "openvino-split": load_exported(root / "onnx", "openvino", split=True),
                 "torchscript": load_exported(root / "ts")}
-    assert runtimes["openvino-split"].arrangement == "split: backbone f32, heads f32"
+    assert runtimes["openvino-split"].arrangement == "split: backbone f32, preprocess and heads f32"
     return request.param, model, runtimes
 
 
@@ -129,7 +129,7 @@ def test_openvino_ir_and_export_check(tmp_path):
     info = export_model(model, tmp_path, "openvino")
     assert (tmp_path / "model.xml").is_file() and (tmp_path / "model.bin").is_file()
     assert info.parts["features"] == ["p2", "p3", "p4", "p5", "p6"]
-    for part in ("backbone", "heads"):
+    for part in ("preprocess", "backbone", "heads"):
         assert (tmp_path / info.parts[part]).with_suffix(".bin").is_file()
     # weights stay float32 in the IR (~4 bytes per parameter)
     params = sum(p.numel() for p in model.parameters())
