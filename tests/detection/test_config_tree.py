@@ -15,8 +15,8 @@ from detection.defaults import KEYS_DECLARED_ABOVE, RENAMED_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
-DETECTION_NAMES = ("faster_rcnn", "fasterrcnn", "Base-RCNN")
-SEGMENTATION_NAMES = ("mask_rcnn", "maskrcnn", "semantic", "deeplab", "fcn")
+DETECTION_NAMES = ("faster_rcnn", "fasterrcnn", "Base-RCNN", "retinanet", "RetinaNet")
+SEGMENTATION_NAMES = ("mask_rcnn", "maskrcnn", "semantic", "deeplab", "fcn", "panoptic")
 
 # Runs in a fresh interpreter, so that nothing has imported segmentation.
 _BUILD_EVERY_CONFIG = r"""
@@ -41,7 +41,7 @@ for path in sorted(configs.rglob("*.yaml")):
     model = build_model_from_cfg(cfg).eval()
     with torch.no_grad():
         out = model([torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8)])[0]
-    k = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    k = model.num_classes
     report[name] = {"model": type(model).__name__, "outputs": sorted(out),
                     "boxes": list(out["boxes"].shape), "labels_ok": bool((out["labels"] < k).all())}
 from detection.config import get_cfg
@@ -76,14 +76,16 @@ def test_detection_alone_builds_every_detection_config_and_refuses_segmentation_
     assert sorted(report) == names
     detection = [n for n in names if _kind(n) == "detection"]
     segmentation = [n for n in names if _kind(n) == "segmentation"]
-    # C4 and FPN, ours, torchvision's and detectron2's layouts
+    # C4 and FPN, ours, torchvision's and detectron2's layouts; RetinaNet
     assert {"faster_rcnn_r50_c4.yaml", "faster_rcnn_r50_fpn.yaml",
             "torchvision/fasterrcnn_resnet50_fpn.yaml",
-            "detectron2/faster_rcnn_R_50_C4_1x.yaml"} <= set(detection)
+            "detectron2/faster_rcnn_R_50_C4_1x.yaml", "retinanet_r50_fpn.yaml",
+            "torchvision/retinanet_resnet50_fpn_v2.yaml",
+            "detectron2/retinanet_R_50_FPN_1x.yaml"} <= set(detection)
     for name in detection:
         r = report[name]
         assert "error" not in r, (name, r)
-        assert r["model"] == "GeneralizedRCNN", name
+        assert r["model"] == ("RetinaNet" if "etina" in name else "GeneralizedRCNN"), name
         assert r["outputs"] == ["boxes", "labels", "scores"] and r["boxes"][1] == 4, (name, r)
         assert r["labels_ok"], name
     assert len(segmentation) >= 5

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from fvcore.common.config import CfgNode
 from PIL import Image
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "torchvision" / "fasterrcnn_resnet50_fpn.yaml"
 
 
+@pytest.mark.starts_processes
 def test_convert_tool_and_predict(tmp_path):
     torch.manual_seed(0)
     ref = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()

@@ -21,6 +21,8 @@ import torch
 from detection.data import shapes
 from detection.engine.checkpoint import Checkpointer, get_rng_state, load_checkpoint
 
+pytestmark = pytest.mark.starts_processes  # see tests/conftest.py
+
 REPO = Path(__file__).resolve().parents[2]
 INJECT = Path(__file__).with_name("fault_inject.py")
 MAX_ITER = 5  # checkpoints after 2 and 4, evaluation after 3, final after 5
