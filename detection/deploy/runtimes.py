@@ -134,7 +134,6 @@ class OpenVINOModel(DeployedModel):
             self.stages = [compile_(info.parts["preprocess"], "f32"),
                            compile_(info.parts["backbone"], hint),
                            compile_(info.parts["heads"], "f32")]
-            self.compiled = self.stages[1]
             self._requests = [c.create_infer_request() for c in self.stages]
             return
         if precision == "bf16":
@@ -145,9 +144,8 @@ class OpenVINOModel(DeployedModel):
                 directory)
         else:
             self.arrangement = "f32"
-        self.compiled = compile_(info.model_file, "f32" if precision == "fp32" else "bf16")
-        self.stages = [self.compiled]
-        self.request = self.compiled.create_infer_request()
+        self.stages = [compile_(info.model_file, "f32" if precision == "fp32" else "bf16")]
+        self._requests = [self.stages[0].create_infer_request()]
 
     def stage_precisions(self) -> List[Dict[str, Dict[str, int]]]:
         """Per compiled graph (preprocess, backbone, heads for a split model), per layer
@@ -188,8 +186,9 @@ class OpenVINOModel(DeployedModel):
                 heads.set_input_tensor(i + 2, backbone.get_output_tensor(i))
             heads.infer()
             return [heads.get_output_tensor(i).data.copy() for i in range(n)]
-        self.request.infer({0: image})
-        return [self.request.get_output_tensor(i).data.copy() for i in range(n)]
+        request = self._requests[0]
+        request.infer({0: image})
+        return [request.get_output_tensor(i).data.copy() for i in range(n)]
 
 
 class TorchScriptModel(DeployedModel):

@@ -1,8 +1,7 @@
 """RoIAlign over one or several feature levels, with each box sent to one level."""
 
 import math
-from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -62,22 +61,19 @@ class ROIPooler(nn.Module):
     def forward(self, features: List[Tensor], boxes: Sequence[Tensor]) -> Tensor:
         """features ``(N, C, H_l, W_l)`` per level, boxes per image ``(R_i, 4)`` ->
         ``(sum R_i, C, S, S)`` in the order of the boxes."""
-        # torchvision's RoIAlign runs in float32 and float64 only (features of a bf16
-        # backbone are pooled in float32) and reads NCHW: one pass makes both, once per level
-        # however many calls read it.
-        features = [f.to(f.dtype if f.dtype in (torch.float32, torch.float64)
-                         else torch.float32, memory_format=torch.contiguous_format)
+        rois = boxes_to_rois(boxes)
+        if _gather_path(features[0], rois):
+            return self._pool_gathered(features, rois)
+        # torchvision's RoIAlign (autograd, tracing, CUDA) runs in float32 and float64 only
+        # (features of a bf16 backbone are pooled in float32).
+        features = [f if f.dtype in (torch.float32, torch.float64) else f.float()
                     for f in features]
-        rois = boxes_to_rois(boxes).to(features[0].dtype)
-        parallel = self._parallel(rois)
-        if len(features) == 1 and not parallel:
+        rois = rois.to(features[0].dtype)
+        if len(features) == 1:
             return roi_align(features[0], rois, self.output_size, self.scales[0],
                              self.sampling_ratio, self.aligned)
-        levels = (torch.zeros_like(rois[:, 0], dtype=torch.int64) if len(features) == 1
-                  else self.levels(rois))
+        levels = self.levels(rois)
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
-        if parallel:
-            return self._pool_in_threads(features, rois, levels, out)
         for lvl, (feat, scale) in enumerate(zip(features, self.scales)):
             idx = torch.nonzero(levels == lvl).squeeze(1)
             if is_tracing():  # no branch on the data, and a scatter whatever idx's size
@@ -89,39 +85,102 @@ class ROIPooler(nn.Module):
                                      self.sampling_ratio, self.aligned).to(out.dtype)
         return out
 
-    def _parallel(self, rois: Tensor) -> bool:
-        """torchvision's CPU RoIAlign runs on one thread: at inference on a CPU, split the
-        boxes over the intra-op threads (the kernel releases the GIL)."""
-        return (rois.device.type == "cpu" and not torch.is_grad_enabled()
-                and not is_tracing() and torch.get_num_threads() > 1
-                and rois.shape[0] >= 2 * MIN_ROIS_PER_THREAD)
-
-    def _pool_in_threads(self, features: List[Tensor], rois: Tensor, levels: Tensor,
-                         out: Tensor) -> Tensor:
-        threads = torch.get_num_threads()
-        jobs = []  # (level, indices of its boxes), about threads jobs per level with boxes
-        for lvl in range(len(features)):
+    def _pool_gathered(self, features: List[Tensor], rois: Tensor) -> Tensor:
+        dtype = torch.float64 if features[0].dtype == torch.float64 else torch.float32
+        rois = rois.to(dtype)
+        if len(features) == 1:
+            return roi_align_gathered(features[0], rois, self.output_size, self.scales[0],
+                                      self.sampling_ratio, self.aligned)
+        levels = self.levels(rois)
+        out = rois.new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
+        for lvl, (feat, scale) in enumerate(zip(features, self.scales)):
             idx = torch.nonzero(levels == lvl).squeeze(1)
-            parts = max(1, min(threads, idx.numel() // MIN_ROIS_PER_THREAD))
-            jobs += [(lvl, chunk) for chunk in idx.chunk(parts) if chunk.numel()]
-        inference = torch.is_inference_mode_enabled()
-
-        def run(job):
-            lvl, idx = job
-            with torch.inference_mode(inference), torch.no_grad():
-                return roi_align(features[lvl], rois[idx], self.output_size, self.scales[lvl],
-                                 self.sampling_ratio, self.aligned)
-
-        for (_, idx), pooled in zip(jobs, _executor(threads).map(run, jobs)):
-            out[idx] = pooled
+            if idx.numel():
+                out[idx] = roi_align_gathered(feat, rois[idx], self.output_size, scale,
+                                              self.sampling_ratio, self.aligned)
         return out
 
 
-MIN_ROIS_PER_THREAD = 32
-_EXECUTORS: Dict[int, ThreadPoolExecutor] = {}
+def _gather_path(feature: Tensor, rois: Tensor) -> bool:
+    """At inference on a CPU, RoIAlign as gathers and small matrix products over
+    channels-last features (``roi_align_gathered``) instead of torchvision's kernel, which
+    runs on one thread and reads NCHW (a layout copy of every level per call)."""
+    return (feature.device.type == "cpu" and not torch.is_grad_enabled()
+            and not is_tracing() and rois.shape[0] > 0)
 
 
-def _executor(threads: int) -> ThreadPoolExecutor:
-    if threads not in _EXECUTORS:
-        _EXECUTORS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="roi_align")
-    return _EXECUTORS[threads]
+def _axis_weights(start: Tensor, size: Tensor, bins: int, grid: Tensor, length: int):
+    """RoIAlign along one axis as a matrix: for each roi (its ``start`` and ``size`` in
+    feature pixels, ``grid`` samples per bin), the weight of each feature row (column) in each
+    bin's average of bilinear samples. Returns the first row read ``lo`` ``(R,)``, the rows
+    each roi reads ``span`` ``(R,)``, and weights ``(R, bins, max span)`` for rows ``lo + k``.
+
+    Sample rules as torchvision's kernel: a sample beyond ``[-1, length]`` counts as zero
+    (but in the average's count), one in ``[-1, 0]`` reads row 0, one past the last row reads
+    the last row."""
+    r = start.shape[0]
+    steps = torch.arange(max(int(grid.max()), 1), dtype=start.dtype)
+    grid_f = grid.to(start.dtype).clamp(min=1)
+    bin_size = size / bins
+    pos = (start[:, None, None]
+           + torch.arange(bins, dtype=start.dtype)[None, :, None] * bin_size[:, None, None]
+           + (steps + 0.5)[None, None, :] * (bin_size / grid_f)[:, None, None])
+    valid = (pos >= -1.0) & (pos <= length) & (steps[None, None, :] < grid[:, None, None])
+    pos = pos.clamp(min=0)
+    low = pos.floor().to(torch.int64)
+    last = low >= length - 1
+    low = low.clamp(max=length - 1)
+    high = torch.where(last, low, low + 1)
+    frac = torch.where(last, torch.zeros_like(pos), pos - low.to(pos.dtype))
+    share = valid.to(pos.dtype) / grid_f[:, None, None]
+    lo = torch.where(valid, low, length).amin(dim=(1, 2)).clamp(max=length - 1)
+    span = (torch.where(valid, high, -1).amax(dim=(1, 2)) - lo + 1).clamp(min=1)
+    k = int(span.max())
+    weights = pos.new_zeros((r, bins, k))
+    weights.scatter_add_(2, (low - lo[:, None, None]).clamp(0, k - 1), share * (1 - frac))
+    weights.scatter_add_(2, (high - lo[:, None, None]).clamp(0, k - 1), share * frac)
+    return lo, span, weights
+
+
+GATHER_CHUNK = 1 << 23  # window elements gathered at a time (32 MiB in float32)
+
+
+def roi_align_gathered(feature: Tensor, rois: Tensor, output_size, scale: float,
+                       sampling_ratio: int, aligned: bool) -> Tensor:
+    """torchvision's ``roi_align`` (same arguments; float32 or float64 out, any float
+    features), computed as: gather each roi's window of feature rows and columns from the
+    channels-last map (channels contiguous), then two small matrix products with the per-roi
+    row and column weights of ``_axis_weights``. Equal to torchvision's kernel up to the order
+    of float sums; threaded by torch's own gather and batched matmul."""
+    n, c, h, w = feature.shape
+    ph, pw = output_size
+    dtype = rois.dtype
+    nhwc = feature.permute(0, 2, 3, 1)  # a view for a channels_last map, else one copy
+    nhwc = nhwc if nhwc.is_contiguous() else nhwc.contiguous()
+    offset = 0.5 if aligned else 0.0
+    x1, y1 = rois[:, 1] * scale - offset, rois[:, 2] * scale - offset
+    width, height = rois[:, 3] * scale - offset - x1, rois[:, 4] * scale - offset - y1
+    if not aligned:  # torchvision's legacy mode makes every roi at least 1x1
+        width, height = width.clamp(min=1.0), height.clamp(min=1.0)
+    if sampling_ratio > 0:
+        grid_y = grid_x = torch.full_like(rois[:, 0], sampling_ratio, dtype=torch.int64)
+    else:  # adaptive: ceil(roi side / bins) samples per bin side
+        grid_y, grid_x = torch.ceil(height / ph).long(), torch.ceil(width / pw).long()
+    y0, span_y, weight_y = _axis_weights(y1, height, ph, grid_y, h)
+    x0, span_x, weight_x = _axis_weights(x1, width, pw, grid_x, w)
+    image = rois[:, 0].long()
+    rows = (y0[:, None] + torch.arange(weight_y.shape[2])).clamp(max=h - 1)
+    cols = (x0[:, None] + torch.arange(weight_x.shape[2])).clamp(max=w - 1)
+    out = rois.new_empty((rois.shape[0], c, ph, pw))
+    # rois of one window size together, each group in chunks of about GATHER_CHUNK elements
+    side = torch.maximum(span_y, span_x)
+    side, order = torch.sort(side)
+    values, counts = torch.unique_consecutive(side, return_counts=True)
+    for group in torch.split(order, counts.tolist()):
+        ky, kx = int(span_y[group].max()), int(span_x[group].max())
+        for idx in torch.split(group, max(1, GATHER_CHUNK // (c * ky * kx))):
+            window = nhwc[image[idx, None, None], rows[idx, :ky, None], cols[idx, None, :kx]]
+            window = window.to(dtype).view(idx.numel(), ky, kx * c)
+            by_rows = torch.bmm(weight_y[idx, :, :ky], window).view(idx.numel(), ph, kx, c)
+            out[idx] = torch.einsum("riwc,rjw->rcij", by_rows, weight_x[idx, :, :kx])
+    return out
