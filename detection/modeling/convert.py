@@ -8,7 +8,7 @@ and ``roi_heads.box_predictor.bbox_pred`` (4 deltas per foreground class).
 """
 
 import re
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +27,56 @@ def _as_tensor(v: Any) -> Tensor:
     return torch.as_tensor(v)
 
 
+FPNEntry = Tuple[str, int, str, str, Tensor]  # (lateral/output, level, conv/norm, rest, v)
+
+
+def torchvision_backbone_entry(key: str, value: Tensor) -> Optional[StateDict]:
+    """Ours for one of torchvision's detector backbone entries (``backbone.body.*`` ResNet,
+    ``backbone.fpn.inner_blocks/layer_blocks`` (v1, or v2's conv/norm blocks), the top block's
+    ``extra_blocks.p6/p7``); None for a key outside the backbone."""
+    if key.startswith("backbone.body."):
+        sub = torchvision_resnet_to_ours({key[len("backbone.body."):]: value})
+        return {"backbone.bottom_up." + k: v for k, v in sub.items()}
+    m = re.match(r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(?:(0|1)\.)?(.+)$", key)
+    if m:
+        kind, i, sub_i, rest = m.groups()
+        dst = "lateral_convs" if kind == "inner" else "output_convs"
+        return {f"backbone.{dst}.{i}.{'norm' if sub_i == '1' else 'conv'}.{rest}": value}
+    m = re.match(r"backbone\.fpn\.extra_blocks\.(p6|p7)\.(weight|bias)$", key)
+    if m:
+        return {f"backbone.top_block.{m.group(1)}.{m.group(2)}": value}
+    return None
+
+
+def detectron2_backbone_entry(key: str, value: Tensor, fpn: List[FPNEntry]
+                              ) -> Optional[StateDict]:
+    """Ours for one of detectron2's FPN backbone entries (``backbone.bottom_up.*`` ResNet,
+    ``backbone.top_block.p6/p7``); its ``fpn_lateral{l}``/``fpn_output{l}`` entries go to
+    ``fpn`` (their index depends on the finest level, see ``detectron2_fpn_entries``) and
+    give an empty dict; None for a key outside the FPN backbone."""
+    if key.startswith("backbone.bottom_up."):
+        sub = detectron2_resnet_to_ours({key[len("backbone.bottom_up."):]: value})
+        return {"backbone.bottom_up." + k: v for k, v in sub.items()}
+    m = re.match(r"backbone\.fpn_(lateral|output)(\d)\.(?:(norm)\.)?(.+)$", key)
+    if m:
+        kind, level, norm, rest = m.groups()
+        fpn.append((kind, int(level), "norm" if norm else "conv", rest, value))
+        return {}
+    if re.match(r"backbone\.top_block\.(p6|p7)\.(weight|bias)$", key):
+        return {key: value}
+    return None
+
+
+def detectron2_fpn_entries(fpn: List[FPNEntry]) -> StateDict:
+    """Our names of detectron2's FPN convs, levels counted from the finest input (res2 for
+    Faster R-CNN, res3 for RetinaNet)."""
+    if not fpn:
+        return {}
+    finest = min(level for _, level, _, _, _ in fpn)
+    return {f"backbone.{'lateral_convs' if kind == 'lateral' else 'output_convs'}."
+            f"{level - finest}.{part}.{rest}": value for kind, level, part, rest, value in fpn}
+
+
 def torchvision_to_ours(state_dict: Mapping[str, Any]) -> StateDict:
     """torchvision ``FasterRCNN`` (v1 or v2; published-file or today's names) -> ours.
 
@@ -37,17 +87,9 @@ def torchvision_to_ours(state_dict: Mapping[str, Any]) -> StateDict:
     linear_heads: List[Tuple[int, str, Tensor]] = []
     for key, value in state_dict.items():
         value = _as_tensor(value)
-        if key.startswith("backbone.body."):
-            sub = torchvision_resnet_to_ours({key[len("backbone.body."):]: value})
-            for k, v in sub.items():
-                out["backbone.bottom_up." + k] = v
-            continue
-        m = re.match(r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(?:(0|1)\.)?(.+)$", key)
-        if m:
-            kind, i, sub_i, rest = m.groups()
-            dst = "lateral_convs" if kind == "inner" else "output_convs"
-            part = "norm" if sub_i == "1" else "conv"
-            out[f"backbone.{dst}.{i}.{part}.{rest}"] = value
+        mapped = torchvision_backbone_entry(key, value)
+        if mapped is not None:
+            out.update(mapped)
             continue
         m = re.match(r"rpn\.head\.conv\.(?:(\d+)\.0\.)?(weight|bias)$", key)
         if m:
@@ -93,20 +135,14 @@ def detectron2_to_ours(checkpoint: Mapping[str, Any]) -> StateDict:
     if not isinstance(state_dict, Mapping):
         raise TypeError("a detectron2 checkpoint is {'model': state_dict}")
     out: StateDict = {}
+    fpn: List[FPNEntry] = []
     for key, value in state_dict.items():
         if "anchor_generator" in key or key in ("pixel_mean", "pixel_std"):
             continue
         value = _as_tensor(value)
-        if key.startswith("backbone.bottom_up."):
-            for k, v in detectron2_resnet_to_ours({key[len("backbone.bottom_up."):]:
-                                                   value}).items():
-                out["backbone.bottom_up." + k] = v
-            continue
-        m = re.match(r"backbone\.fpn_(lateral|output)(\d)\.(?:(norm)\.)?(.+)$", key)
-        if m:
-            kind, level, norm, rest = m.groups()
-            dst = "lateral_convs" if kind == "lateral" else "output_convs"
-            out[f"backbone.{dst}.{int(level) - 2}.{'norm' if norm else 'conv'}.{rest}"] = value
+        mapped = detectron2_backbone_entry(key, value, fpn)
+        if mapped is not None:
+            out.update(mapped)
             continue
         if key.startswith("backbone."):  # C4: the ResNet itself
             for k, v in detectron2_resnet_to_ours({key[len("backbone."):]: value}).items():
@@ -139,6 +175,7 @@ def detectron2_to_ours(checkpoint: Mapping[str, Any]) -> StateDict:
             out[key] = value
             continue
         raise KeyError(f"unexpected key in a detectron2 Faster R-CNN checkpoint: {key!r}")
+    out.update(detectron2_fpn_entries(fpn))
     return out
 
 

@@ -12,7 +12,7 @@ from backbones.fused import FusedConv2d, FusedLinear, fuse_conv_relu
 
 from .metadata import Metadata
 from .precision import Cast, check_precision
-from .preprocess import Preprocessor, check_targets, rescale_boxes
+from .preprocess import Preprocessor, detector_inputs, in_input_pixels
 from .roi_heads import StandardROIHeads
 from .rpn import RPN
 
@@ -48,25 +48,14 @@ class GeneralizedRCNN(nn.Module):
     def forward(
         self, images: Sequence[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
     ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:
-        if self.training:
-            if targets is None:
-                raise ValueError("in training mode the detector needs targets "
-                                 "(call model.eval() for inference)")
-            check_targets(targets, len(images), self.num_classes)
-        batch, sizes, targets = self.preprocessor(images, targets if self.training else None)
-        if getattr(self, "_channels_last", False):
-            batch = batch.to(dtype=self._input_dtype, memory_format=torch.channels_last)
+        batch, sizes, targets = detector_inputs(self, images, targets)
         features = self.backbone(batch)
         gt_boxes = [t["boxes"] for t in targets] if targets is not None else None
         proposals, rpn_losses = self.rpn(features, sizes, tuple(batch.shape[-2:]), gt_boxes)
         detections, roi_losses = self.roi_heads(features, proposals, sizes, targets)
         if self.training:
             return {**rpn_losses, **roi_losses}
-        results = []
-        for det, size, img in zip(detections, sizes, images):
-            det.boxes = rescale_boxes(det.boxes, size, tuple(img.shape[-2:]))
-            results.append(det.to_dict())
-        return results
+        return in_input_pixels(detections, sizes, images)
 
     def proposals(self, images: Sequence[Tensor]) -> List[Tensor]:
         """RPN proposals per image ``(R_i, 4)`` in the resized image's coordinates (the

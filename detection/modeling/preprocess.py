@@ -234,3 +234,31 @@ def rescale_boxes(boxes: Tensor, from_size: Tuple[Size, Size], to_size: Tuple[Si
         limits = size_tensor([tw, th, tw, th], dtype=boxes.dtype, device=boxes.device)
         boxes = torch.minimum(boxes.clamp(min=0), limits)
     return boxes
+
+
+def detector_inputs(model: nn.Module, images: Sequence[Tensor],
+                    targets: Optional[List[Dict[str, Tensor]]]):
+    """A detector's first step: in training its ``targets`` are required and checked against
+    ``model.num_classes``; ``model.preprocessor`` normalizes, resizes and batches the images;
+    the batch takes the dtype and channels-last layout ``optimize_for_inference`` chose.
+    -> (batch, per-image resized sizes, targets in the resized images, None at inference)."""
+    if model.training:
+        if targets is None:
+            raise ValueError(f"in training mode {type(model).__name__} needs targets (call "
+                             "model.eval() for inference)")
+        check_targets(targets, len(images), model.num_classes)
+    batch, sizes, targets = model.preprocessor(images, targets if model.training else None)
+    if getattr(model, "_channels_last", False):
+        batch = batch.to(dtype=model._input_dtype, memory_format=torch.channels_last)
+    return batch, sizes, targets
+
+
+def in_input_pixels(detections, sizes: Sequence[Tuple[Size, Size]],
+                    images: Sequence[Tensor]) -> List[Dict[str, Tensor]]:
+    """Per image, the result dict of ``detections`` (``Detections``, boxes in the resized
+    image of ``sizes``) with its boxes mapped to the input image's pixels."""
+    results = []
+    for det, size, img in zip(detections, sizes, images):
+        det.boxes = rescale_boxes(det.boxes, size, tuple(img.shape[-2:]))
+        results.append(det.to_dict())
+    return results

@@ -37,7 +37,7 @@ from .box_ops import (
 from .matcher import BACKGROUND, FOREGROUND, Matcher
 from .metadata import Metadata
 from .precision import Cast, check_precision
-from .preprocess import Preprocessor, check_targets, rescale_boxes
+from .preprocess import Preprocessor, detector_inputs, in_input_pixels
 from .structures import Detections
 from .tracing import min_size
 
@@ -161,14 +161,7 @@ class RetinaNet(nn.Module):
     def forward(
         self, images: Sequence[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
     ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:
-        if self.training:
-            if targets is None:
-                raise ValueError("in training mode the detector needs targets "
-                                 "(call model.eval() for inference)")
-            check_targets(targets, len(images), self.num_classes)
-        batch, sizes, targets = self.preprocessor(images, targets if self.training else None)
-        if getattr(self, "_channels_last", False):
-            batch = batch.to(dtype=self._input_dtype, memory_format=torch.channels_last)
+        batch, sizes, targets = detector_inputs(self, images, targets)
         features = self.backbone(batch)
         feats = [features[f] for f in self.in_features]
         anchors = self.anchor_generator(feats, tuple(batch.shape[-2:]))  # per level [HWA, 4]
@@ -176,12 +169,7 @@ class RetinaNet(nn.Module):
         if self.training:
             assert targets is not None
             return self.losses(anchors, logits, deltas, targets)
-        results = []
-        for det, size, img in zip(self.inference(anchors, logits, deltas, sizes), sizes,
-                                  images):
-            det.boxes = rescale_boxes(det.boxes, size, tuple(img.shape[-2:]))
-            results.append(det.to_dict())
-        return results
+        return in_input_pixels(self.inference(anchors, logits, deltas, sizes), sizes, images)
 
     # ------------------------------------------------------------------ training
 

@@ -24,9 +24,13 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 from torch import Tensor
 
-from backbones.convert import detectron2_resnet_to_ours, torchvision_resnet_to_ours
-
-from .convert import _as_tensor
+from .convert import (
+    FPNEntry,
+    _as_tensor,
+    detectron2_backbone_entry,
+    detectron2_fpn_entries,
+    torchvision_backbone_entry,
+)
 
 StateDict = Dict[str, Tensor]
 _SUBNETS = {"classification_head": "cls_convs", "regression_head": "box_convs",
@@ -51,19 +55,9 @@ def torchvision_to_ours(state_dict: Mapping[str, Any]) -> StateDict:
     out: StateDict = {}
     for key, value in state_dict.items():
         value = _as_tensor(value)
-        if key.startswith("backbone.body."):
-            for k, v in torchvision_resnet_to_ours({key[len("backbone.body."):]: value}).items():
-                out["backbone.bottom_up." + k] = v
-            continue
-        m = re.match(r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(?:(0|1)\.)?(.+)$", key)
-        if m:
-            kind, i, sub, rest = m.groups()
-            dst = "lateral_convs" if kind == "inner" else "output_convs"
-            out[f"backbone.{dst}.{i}.{'norm' if sub == '1' else 'conv'}.{rest}"] = value
-            continue
-        m = re.match(r"backbone\.fpn\.extra_blocks\.(p6|p7)\.(weight|bias)$", key)
-        if m:
-            out[f"backbone.top_block.{m.group(1)}.{m.group(2)}"] = value
+        mapped = torchvision_backbone_entry(key, value)
+        if mapped is not None:
+            out.update(mapped)
             continue
         m = re.match(r"head\.(classification_head|regression_head)\.conv\.(\d+)\.(0|1)\.(.+)$",
                      key)
@@ -114,25 +108,15 @@ def detectron2_to_ours(checkpoint: Mapping[str, Any]) -> StateDict:
     """detectron2 ``RetinaNet`` (``{"model": state_dict}`` or the state dict) -> ours."""
     state_dict = _state_dict(checkpoint)
     out: StateDict = {}
-    fpn: List[Tuple[str, int, str, str, Tensor]] = []
+    fpn: List[FPNEntry] = []
     subnets: Dict[str, List[Tuple[int, str, Tensor]]] = {"cls_convs": [], "box_convs": []}
     for key, value in state_dict.items():
         if "anchor_generator" in key or key in ("pixel_mean", "pixel_std"):
             continue
         value = _as_tensor(value)
-        if key.startswith("backbone.bottom_up."):
-            for k, v in detectron2_resnet_to_ours({key[len("backbone.bottom_up."):]:
-                                                   value}).items():
-                out["backbone.bottom_up." + k] = v
-            continue
-        m = re.match(r"backbone\.fpn_(lateral|output)(\d)\.(?:(norm)\.)?(.+)$", key)
-        if m:
-            kind, level, norm, rest = m.groups()
-            fpn.append((kind, int(level), "norm" if norm else "conv", rest, value))
-            continue
-        m = re.match(r"backbone\.top_block\.(p6|p7)\.(weight|bias)$", key)
-        if m:
-            out[key] = value
+        mapped = detectron2_backbone_entry(key, value, fpn)
+        if mapped is not None:
+            out.update(mapped)
             continue
         m = re.match(r"head\.(cls_subnet|bbox_subnet)\.(\d+)\.(.+)$", key)
         if m:
@@ -142,11 +126,7 @@ def detectron2_to_ours(checkpoint: Mapping[str, Any]) -> StateDict:
             out[key] = value
             continue
         raise KeyError(f"unexpected key in a detectron2 RetinaNet checkpoint: {key!r}")
-    if fpn:  # levels numbered from the finest input (res3 for RetinaNet)
-        finest = min(level for _, level, _, _, _ in fpn)
-        for kind, level, part, rest, value in fpn:
-            dst = "lateral_convs" if kind == "lateral" else "output_convs"
-            out[f"backbone.{dst}.{level - finest}.{part}.{rest}"] = value
+    out.update(detectron2_fpn_entries(fpn))
     for dst, entries in subnets.items():
         _detectron2_subnet(entries, dst, out)
     return out

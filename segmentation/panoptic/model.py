@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detection.modeling.preprocess import check_targets, rescale_boxes
+from detection.modeling.preprocess import detector_inputs, rescale_boxes
 from segmentation.mask_rcnn.model import MaskRCNN
 from segmentation.mask_rcnn.paste import paste_masks
 from segmentation.mask_rcnn.targets import resize_masks
@@ -77,13 +77,7 @@ class PanopticFPN(MaskRCNN):
     def forward(
         self, images: Sequence[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
     ) -> Union[Dict[str, Tensor], List[Dict[str, Any]]]:
-        if self.training:
-            if targets is None:
-                raise ValueError("in training mode Panoptic FPN needs targets")
-            check_targets(targets, len(images), self.num_classes)
-        batch, sizes, targets = self.preprocessor(images, targets if self.training else None)
-        if getattr(self, "_channels_last", False):
-            batch = batch.to(dtype=self._input_dtype, memory_format=torch.channels_last)
+        batch, sizes, targets = detector_inputs(self, images, targets)
         features = self.backbone(batch)
         padded = tuple(batch.shape[-2:])
         sem_logits = self._semantic_logits(features, padded)  # [N, S + 1, H, W]
