@@ -1,6 +1,7 @@
-"""RetinaNet exported to ONNX and run in ONNX Runtime reproduces the eager model's detections
-(same labels, IoU > 0.999, scores within 1e-4) on image sizes other than the traced one, and
-returns empty outputs of the right shapes when nothing passes the score threshold."""
+"""RetinaNet exported to ONNX (run in ONNX Runtime), TorchScript and OpenVINO IR (float32)
+reproduces the eager model's detections (same labels, IoU > 0.999, scores within 1e-4) on
+image sizes other than the traced one, and returns empty outputs of the right shapes when
+nothing passes the score threshold."""
 
 import pytest
 import torch
@@ -33,11 +34,15 @@ def model():
     return m
 
 
-def test_onnxruntime_parity(model, tmp_path):
-    info = export_model(model, tmp_path / "onnx", "onnx")
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "openvino"])
+def test_runtime_parity(model, tmp_path, fmt):
+    """ONNX in ONNX Runtime, TorchScript, and OpenVINO IR in OpenVINO float32."""
+    if fmt == "openvino":
+        pytest.importorskip("openvino")
+    info = export_model(model, tmp_path / fmt, fmt)
     assert info.outputs == ["boxes", "scores", "labels"]
     assert len(info.class_names) == 4
-    deployed = load_exported(tmp_path / "onnx")
+    deployed = load_exported(tmp_path / fmt)
     for h, w in SIZES:
         image = sample_image(h, w, seed=h)
         with torch.no_grad():
