@@ -19,8 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from detection.data.image_io import read_image
-from detection.deploy import PRECISIONS, RUNTIMES
-from detection.deploy.loading import load_for_inference
+from detection.deploy.loading import add_runtime_arguments, load_for_inference
 from detection.modeling.predictor import predict
 from detection.visualization import draw_instances
 from segmentation.config import get_cfg  # the full tree; registers segmentation's models
@@ -62,10 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="demo_out", help="folder for the pictures")
     parser.add_argument("--score-threshold", type=float, default=0.5)
     parser.add_argument("--limit", type=int, default=None, help="at most this many images")
-    parser.add_argument("--runtime", choices=RUNTIMES, default=None,
-                        help="inference runtime (default: the config's TEST.RUNTIME, torch)")
-    parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="fp32 or bf16 (default: the config's TEST.PRECISION, fp32)")
+    add_runtime_arguments(parser)
     args = parser.parse_args(argv)
 
     model, _ = load_for_inference(args.config, args.weights, runtime=args.runtime,

@@ -22,8 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from detection.data.image_io import read_image
-from detection.deploy import PRECISIONS, RUNTIMES
-from detection.deploy.loading import load_for_inference
+from detection.deploy.loading import add_runtime_arguments, load_for_inference
 from detection.evaluation.coco_evaluation import detections_to_coco_results, write_coco_submission
 from detection.modeling.predictor import predict
 from segmentation.config import get_cfg  # the full tree; registers segmentation's models
@@ -64,10 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--alg", default="detkit", help="algorithm name in the file name")
     parser.add_argument("--output", type=Path, default=Path("submission"))
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
-    parser.add_argument("--runtime", choices=RUNTIMES, default=None,
-                        help="inference runtime (default: the config's TEST.RUNTIME, torch)")
-    parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="fp32 or bf16 (default: the config's TEST.PRECISION, fp32)")
+    add_runtime_arguments(parser)
     args = parser.parse_args(argv)
 
     model, _ = load_for_inference(args.config, args.weights, runtime=args.runtime,

@@ -16,8 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from detection.deploy import PRECISIONS, RUNTIMES
-from detection.deploy.loading import load_for_evaluation
+from detection.deploy.loading import add_runtime_arguments, load_for_evaluation
 from detection.engine import distributed as du
 from detection.engine.evaluation import evaluate
 from detection.engine.loading import attach_dataset_metadata
@@ -38,10 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="continue from the last checkpoint in OUTPUT_DIR")
     parser.add_argument("--eval-only", action="store_true",
                         help="only evaluate MODEL.WEIGHTS on DATASETS.TEST")
-    parser.add_argument("--runtime", choices=RUNTIMES, default=None,
-                        help="with --eval-only: TEST.RUNTIME (torch, onnxruntime, openvino)")
-    parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="with --eval-only: TEST.PRECISION (fp32, bf16)")
+    add_runtime_arguments(parser, when="with --eval-only: ")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     for flag in ("--resume", "--eval-only"):  # also accepted after the KEY VALUE pairs

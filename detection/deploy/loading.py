@@ -5,6 +5,19 @@ from pathlib import Path
 from typing import Any, Optional, Tuple
 
 
+def add_runtime_arguments(parser: Any, when: str = "") -> None:
+    """``--runtime`` and ``--precision`` on an argparse parser, both defaulting to None (the
+    config's ``TEST.RUNTIME`` / ``TEST.PRECISION``); ``when`` prefixes their help."""
+    from . import PRECISIONS, RUNTIMES
+
+    parser.add_argument("--runtime", choices=RUNTIMES, default=None,
+                        help=f"{when}inference runtime (default: the config's TEST.RUNTIME, "
+                             "torch)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help=f"{when}fp32 or bf16 (default: the config's TEST.PRECISION, "
+                             "fp32)")
+
+
 def is_export_dir(path: str) -> bool:
     return Path(path, "export.json").is_file()
 
