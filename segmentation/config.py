@@ -86,6 +86,9 @@ def add_segmentation_config(cfg: CfgNode) -> CfgNode:
     p.COMBINE.OVERLAP_THRESH = 0.5  # drop an instance of which more than this share is taken
     p.COMBINE.STUFF_AREA_LIMIT = 4096  # smallest stuff segment, in pixels
     p.COMBINE.INSTANCES_CONFIDENCE_THRESH = 0.5  # lowest instance score merged
+    # Names of the semantic labels (0: "things", then the stuff classes), from the training
+    # dataset's stuff_classes; they go into the model's metadata and its checkpoints.
+    p.STUFF_CLASS_NAMES = []
     cfg.MODEL.PANOPTIC_FPN = p
     return cfg
 

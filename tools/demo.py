@@ -85,7 +85,10 @@ def main(argv=None) -> int:
             pan = out_dir / f"{path.stem}_panoptic.png"
             Image.fromarray(draw_panoptic(image, det["panoptic_seg"].numpy(),
                                           det["segments_info"],
-                                          thing_names=model.metadata.class_names)).save(pan)
+                                          thing_names=model.metadata.class_names,
+                                          stuff_names=getattr(model.metadata, "stuff_names",
+                                                              None) or None)
+                            ).save(pan)
             print(f"{pan}: {len(det['segments_info'])} segments")
     return 0
 

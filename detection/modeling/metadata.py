@@ -27,11 +27,13 @@ COCO_IDS = [i for i, n in zip(TORCHVISION_COCO_IDS, TORCHVISION_COCO_NAMES) if n
 
 @dataclass
 class Metadata:
-    """``class_names[k]`` and ``category_ids[k]`` describe contiguous label ``k``."""
+    """``class_names[k]`` and ``category_ids[k]`` describe contiguous label ``k``; for a
+    panoptic model, ``stuff_names[s]`` names semantic label ``s`` (0 is "things")."""
 
     class_names: List[str]
     category_ids: List[int] = field(default_factory=list)
     dataset: Optional[str] = None
+    stuff_names: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.category_ids:
@@ -50,7 +52,7 @@ class Metadata:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Metadata":
         return cls(class_names=list(d["class_names"]), category_ids=list(d["category_ids"]),
-                   dataset=d.get("dataset"))
+                   dataset=d.get("dataset"), stuff_names=list(d.get("stuff_names", [])))
 
     @classmethod
     def coco(cls) -> "Metadata":

@@ -22,6 +22,12 @@ def build_panoptic_fpn(cfg: CfgNode) -> PanopticFPN:
     det = build_mask_rcnn(cfg)
     head = build_semantic_head(cfg, det.backbone.output_shape())
     c = p.COMBINE
+    if p.STUFF_CLASS_NAMES:
+        if len(p.STUFF_CLASS_NAMES) != h.NUM_CLASSES:
+            raise ValueError(f"MODEL.PANOPTIC_FPN.STUFF_CLASS_NAMES names "
+                             f"{len(p.STUFF_CLASS_NAMES)} semantic labels but "
+                             f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {h.NUM_CLASSES}")
+        det.metadata.stuff_names = [str(n) for n in p.STUFF_CLASS_NAMES]
     model = PanopticFPN(
         preprocessor=det.preprocessor, backbone=det.backbone, rpn=det.rpn,
         roi_heads=det.roi_heads, metadata=det.metadata, paste_mode=det.paste_mode,

@@ -21,9 +21,10 @@ __all__ = ["PANOPTIC_FPN", "attach_panoptic_metadata"]
 
 
 def attach_panoptic_metadata(cfg: Any) -> None:
-    """The thing classes into ``MODEL.CLASS_NAMES`` / ``CATEGORY_IDS`` (as Mask R-CNN), and
-    ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` checked against the dataset's stuff classes plus the
-    "things" class."""
+    """The thing classes into ``MODEL.CLASS_NAMES`` / ``CATEGORY_IDS`` (as Mask R-CNN), the
+    semantic labels' names ("things", then the stuff classes) into
+    ``MODEL.PANOPTIC_FPN.STUFF_CLASS_NAMES``, and ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` checked
+    against their count."""
     from detection.data.catalog import get_metadata
 
     attach_instance_metadata(cfg)
@@ -36,6 +37,12 @@ def attach_panoptic_metadata(cfg: Any) -> None:
             f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES} but dataset "
             f"{cfg.DATASETS.TRAIN[0]!r} has {len(stuff) - 1} stuff classes plus 'things'; set it "
             f"to {len(stuff)}")
+    if stuff and not cfg.MODEL.PANOPTIC_FPN.STUFF_CLASS_NAMES:
+        was_frozen = cfg.is_frozen()
+        cfg.defrost()
+        cfg.MODEL.PANOPTIC_FPN.STUFF_CLASS_NAMES = [str(n) for n in stuff]
+        if was_frozen:
+            cfg.freeze()
 
 
 def build_panoptic_evaluator(cfg: Any, dataset_name: str,

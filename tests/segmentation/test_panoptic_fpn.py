@@ -10,6 +10,8 @@ from test_mask_rcnn import _detectron2_mask_rcnn_r50_fpn_shapes
 import segmentation  # noqa: F401  (registers the family, keys and datasets)
 from detection.engine import runner
 from detection.modeling.convert import load_state_dict
+from detection.modeling.metadata import Metadata
+from detection.modeling.predictor import load_model
 from segmentation.config import load_config
 from segmentation.panoptic import (
     PanopticFPN,
@@ -127,6 +129,18 @@ def test_joint_losses_and_their_weights(one_thread):
         model(images, [{k: v for k, v in t.items() if k != "sem_seg"} for t in targets])
 
 
+def test_stuff_class_names_enter_the_metadata_and_a_wrong_count_is_refused(one_thread,
+                                                                            tmp_path):
+    names = ["things", "stripes", "checks", "speckle"]
+    model = build_panoptic_fpn(_tiny_cfg("MODEL.PANOPTIC_FPN.STUFF_CLASS_NAMES", str(names)))
+    assert model.metadata.stuff_names == names
+    # as the checkpoint stores it, and as loading reads it back
+    assert Metadata.from_dict(model.metadata.to_dict()).stuff_names == names
+    assert Metadata.from_dict({"class_names": ["a"], "category_ids": [1]}).stuff_names == []
+    with pytest.raises(ValueError, match="STUFF_CLASS_NAMES names 3 .*NUM_CLASSES is 4"):
+        build_panoptic_fpn(_tiny_cfg("MODEL.PANOPTIC_FPN.STUFF_CLASS_NAMES", str(names[:3])))
+
+
 def test_inference_outputs(one_thread):
     cfg = _tiny_cfg("MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH", "0.0",
                     "MODEL.PANOPTIC_FPN.COMBINE.STUFF_AREA_LIMIT", "1")
@@ -179,6 +193,7 @@ def test_short_training_raises_pq_above_chance(tiny_panoptic, tmp_path, one_thre
     ])
     runner.attach_dataset_metadata(cfg)
     assert cfg.MODEL.CLASS_NAMES == ["circle", "rectangle", "triangle", "cross"]
+    assert cfg.MODEL.PANOPTIC_FPN.STUFF_CLASS_NAMES == ["things", "stripes", "checks", "speckle"]
     before = runner.evaluate(cfg, runner.build_model_from_cfg(cfg))["panoptic_seg"]
     model, results = runner.train(cfg)
     after = results["panoptic_seg"]
@@ -190,5 +205,8 @@ def test_short_training_raises_pq_above_chance(tiny_panoptic, tmp_path, one_thre
     assert after["PQ"] > 40 and after["PQ"] > before["PQ"] + 25, (before["PQ"], after)
     assert after["PQ_st"] > 50 and after["PQ_th"] > 15, after
     assert (tmp_path / "out" / "model_final.pth").is_file()
+    loaded = load_model(load_config(str(tmp_path / "out" / "config.yaml")),
+                        str(tmp_path / "out" / "model_final.pth"))
+    assert loaded.metadata.stuff_names == ["things", "stripes", "checks", "speckle"]
     pred = tmp_path / "out" / "inference" / tiny_panoptic / "predictions.json"
     assert pred.is_file()  # the predictions in COCO panoptic format
