@@ -63,17 +63,19 @@ class ROIPooler(nn.Module):
         ``(sum R_i, C, S, S)`` in the order of the boxes."""
         rois = boxes_to_rois(boxes)
         if _gather_path(features[0], rois):
-            return self._pool_gathered(features, rois)
-        # torchvision's RoIAlign (autograd, tracing, CUDA) runs in float32 and float64 only
-        # (features of a bf16 backbone are pooled in float32).
-        features = [f if f.dtype in (torch.float32, torch.float64) else f.float()
-                    for f in features]
-        rois = rois.to(features[0].dtype)
+            kernel = roi_align_gathered  # reads any float features, pools in float32/64
+        else:
+            # torchvision's RoIAlign (autograd, tracing, CUDA) runs in float32 and float64
+            # only (features of a bf16 backbone are pooled in float32).
+            kernel = roi_align
+            features = [f if f.dtype in (torch.float32, torch.float64) else f.float()
+                        for f in features]
+        rois = rois.to(torch.float64 if features[0].dtype == torch.float64 else torch.float32)
         if len(features) == 1:
-            return roi_align(features[0], rois, self.output_size, self.scales[0],
-                             self.sampling_ratio, self.aligned)
+            return kernel(features[0], rois, self.output_size, self.scales[0],
+                          self.sampling_ratio, self.aligned)
         levels = self.levels(rois)
-        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
+        out = rois.new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
         for lvl, (feat, scale) in enumerate(zip(features, self.scales)):
             idx = torch.nonzero(levels == lvl).squeeze(1)
             if is_tracing():  # no branch on the data, and a scatter whatever idx's size
@@ -81,23 +83,8 @@ class ROIPooler(nn.Module):
                                    self.sampling_ratio, self.aligned).to(out.dtype)
                 out = out.scatter(0, idx.view(-1, 1, 1, 1).expand(-1, *out.shape[1:]), pooled)
             elif idx.numel():
-                out[idx] = roi_align(feat, rois[idx], self.output_size, scale,
-                                     self.sampling_ratio, self.aligned).to(out.dtype)
-        return out
-
-    def _pool_gathered(self, features: List[Tensor], rois: Tensor) -> Tensor:
-        dtype = torch.float64 if features[0].dtype == torch.float64 else torch.float32
-        rois = rois.to(dtype)
-        if len(features) == 1:
-            return roi_align_gathered(features[0], rois, self.output_size, self.scales[0],
-                                      self.sampling_ratio, self.aligned)
-        levels = self.levels(rois)
-        out = rois.new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
-        for lvl, (feat, scale) in enumerate(zip(features, self.scales)):
-            idx = torch.nonzero(levels == lvl).squeeze(1)
-            if idx.numel():
-                out[idx] = roi_align_gathered(feat, rois[idx], self.output_size, scale,
-                                              self.sampling_ratio, self.aligned)
+                out[idx] = kernel(feat, rois[idx], self.output_size, scale,
+                                  self.sampling_ratio, self.aligned).to(out.dtype)
         return out
 
 
