@@ -7,7 +7,6 @@ Prints median times, our/torchvision ratios, whether detections agree, fvcore's 
 (multiply-adds) and the achieved rate (2 x FLOPs / time).
 """
 
-import argparse
 import statistics
 import sys
 import time
@@ -17,16 +16,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import converted, timing_args  # noqa: E402
 from torchvision.models.detection import fasterrcnn_resnet50_fpn  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 
 from backbones import freeze_batchnorm  # noqa: E402
-from detection.config import load_config  # noqa: E402
-from detection.modeling.build import build_model  # noqa: E402
 from detection.modeling.calibration import calibrate_batchnorm, textured_image  # noqa: E402
-from detection.modeling.convert import load_state_dict, torchvision_to_ours  # noqa: E402
-
-CONFIG = Path(__file__).resolve().parents[1] / "configs/torchvision/fasterrcnn_resnet50_fpn.yaml"
+from detection.modeling.convert import torchvision_to_ours  # noqa: E402
 
 
 def median_time(fn, runs: int) -> float:
@@ -64,20 +60,11 @@ def lively_reference(ref: torch.nn.Module, img: torch.Tensor) -> torch.nn.Module
 
 
 def ours_from(ref) -> torch.nn.Module:
-    cfg = load_config(str(CONFIG))
-    cfg.MODEL.BACKBONE.WEIGHTS = ""
-    model = build_model(cfg)
-    load_state_dict(model, torchvision_to_ours(ref.state_dict()))
-    return model
+    return converted(ref, "torchvision/fasterrcnn_resnet50_fpn.yaml", torchvision_to_ours)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = timing_args()
     torch.manual_seed(0)
     img = image()
     ref = lively_reference(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval(),

@@ -7,7 +7,6 @@ Prints median times (torchvision; ours as built; ours with ``optimize_for_infere
 ratios to torchvision, and how closely the detections and pasted masks agree.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,23 +16,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_faster_rcnn import image, lively_reference, median_time  # noqa: E402  (the same image and timing)
+from common import converted, timing_args  # noqa: E402
 from torchvision.models.detection import maskrcnn_resnet50_fpn  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 
-import segmentation  # noqa: E402, F401  (MODEL.MASK_ON)
-from detection.modeling.convert import load_state_dict  # noqa: E402
-from segmentation.config import load_config  # noqa: E402
-from segmentation.mask_rcnn import build_mask_rcnn, torchvision_to_ours  # noqa: E402
+from segmentation.mask_rcnn import torchvision_to_ours  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs/torchvision/maskrcnn_resnet50_fpn.yaml"
+
+def lively_mask_reference(img: torch.Tensor) -> torch.nn.Module:
+    """torchvision's random Mask R-CNN with lively box and mask heads, statistics calibrated
+    on ``img`` (see ``bench_faster_rcnn.lively_reference``)."""
+    ref = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(ref.roi_heads.mask_predictor.mask_fcn_logits.weight, std=0.05)
+    return lively_reference(ref, img)
 
 
 def ours_from(ref) -> torch.nn.Module:
-    cfg = load_config(CONFIG)
-    cfg.MODEL.BACKBONE.WEIGHTS = ""
-    model = build_mask_rcnn(cfg)
-    load_state_dict(model, torchvision_to_ours(ref.state_dict()))
-    return model.eval()
+    return converted(ref, "torchvision/maskrcnn_resnet50_fpn.yaml", torchvision_to_ours)
 
 
 def agreement(expected: dict, got: dict) -> tuple:
@@ -51,18 +51,10 @@ def agreement(expected: dict, got: dict) -> tuple:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = timing_args()
     torch.manual_seed(0)
     img = image()
-    ref = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
-    with torch.no_grad():
-        torch.nn.init.normal_(ref.roi_heads.mask_predictor.mask_fcn_logits.weight, std=0.05)
-    ref = lively_reference(ref, img)
+    ref = lively_mask_reference(img)
     plain = ours_from(ref)
     fast = ours_from(ref).optimize_for_inference(channels_last=True)
     with torch.inference_mode():

@@ -9,7 +9,6 @@ detections that ours reproduces (same label, IoU > 0.99, score within 1e-3), for
 model and for the inference-optimized one (BatchNorm folded, channels_last, fused ReLUs).
 """
 
-import argparse
 import statistics
 import sys
 import time
@@ -19,16 +18,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import converted, timing_args  # noqa: E402
 from torchvision.models.detection import retinanet_resnet50_fpn  # noqa: E402
 
-from detection.config import load_config  # noqa: E402
 from detection.deploy.agreement import compare_detections  # noqa: E402
-from detection.modeling.build import build_retinanet  # noqa: E402
 from detection.modeling.calibration import calibrate_batchnorm, textured_image  # noqa: E402
-from detection.modeling.convert import load_state_dict  # noqa: E402
 from detection.modeling.retinanet_convert import to_ours  # noqa: E402
-
-CONFIG = Path(__file__).resolve().parents[1] / "configs/torchvision/retinanet_resnet50_fpn.yaml"
 
 
 def median_times(fns, runs: int):
@@ -69,19 +64,11 @@ def lively_reference(img: torch.Tensor) -> torch.nn.Module:
 
 
 def ours_from(ref: torch.nn.Module) -> torch.nn.Module:
-    cfg = load_config(str(CONFIG), ["MODEL.BACKBONE.WEIGHTS", "", "MODEL.WEIGHTS", ""])
-    model = build_retinanet(cfg).eval()
-    load_state_dict(model, to_ours(ref.state_dict()))
-    return model
+    return converted(ref, "torchvision/retinanet_resnet50_fpn.yaml", to_ours)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = timing_args()
     img = textured_image(800, 1067, generator=torch.Generator().manual_seed(0))
     ref = lively_reference(img)
     plain = ours_from(ref)

@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_faster_rcnn import image, lively_reference  # noqa: E402
+from common import timing_args  # noqa: E402
 
 from detection.deploy import export_model, load_exported  # noqa: E402
 from detection.deploy.agreement import compare_detections  # noqa: E402
 from detection.deploy.runtimes import require  # noqa: E402
-from detection.modeling.convert import load_state_dict  # noqa: E402
 
 
 class TorchvisionGraph(torch.nn.Module):
@@ -94,39 +94,25 @@ class Session:
 def build(kind: str, img: torch.Tensor):
     """(torchvision reference, our plain model) with the same weights."""
     if kind == "mask":
-        from torchvision.models.detection import maskrcnn_resnet50_fpn
+        from bench_mask_rcnn import lively_mask_reference
+        from bench_mask_rcnn import ours_from as mask_from
 
-        from segmentation.config import load_config
-        from segmentation.mask_rcnn import build_mask_rcnn, torchvision_to_ours
-
-        ref = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
-        with torch.no_grad():
-            torch.nn.init.normal_(ref.roi_heads.mask_predictor.mask_fcn_logits.weight, std=0.05)
-        ref = lively_reference(ref, img)
-        cfg = load_config(Path(__file__).resolve().parents[1]
-                          / "configs/torchvision/maskrcnn_resnet50_fpn.yaml")
-        cfg.MODEL.BACKBONE.WEIGHTS = ""
-        ours = build_mask_rcnn(cfg)
-        load_state_dict(ours, torchvision_to_ours(ref.state_dict()))
-        return ref, ours.eval()
+        ref = lively_mask_reference(img)
+        return ref, mask_from(ref)
     from bench_faster_rcnn import ours_from
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
     ref = lively_reference(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval(),
                            img)
-    return ref, ours_from(ref).eval()
+    return ref, ours_from(ref)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("faster", "mask"), default="faster")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--skip", nargs="*", default=[], help="row names to leave out")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = timing_args(parser)
     torch.manual_seed(0)
     img = image()
     ref, plain = build(args.model, img)
