@@ -13,14 +13,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Backbone
+from .fused import FusedConv2d
 from .norm import get_norm
 from .shape_spec import ShapeSpec
 
 
 class ConvNorm(nn.Module):
-    """A conv followed by an optional norm; the conv has a bias only without a norm."""
+    """A conv followed by an optional norm; the conv has a bias only without a norm.
+    ``forward(x, addend)`` adds ``addend`` to the result (FPN's top-down sum), inside the
+    conv once inference fusion has folded the norm (``fuse_conv_relu``)."""
 
     conv_norm_pairs = (("conv", "norm"),)
+    addend_after_pairs = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm: str) -> None:
         super().__init__()
@@ -32,8 +36,11 @@ class ConvNorm(nn.Module):
         if self.conv.bias is not None:
             nn.init.zeros_(self.conv.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.conv(x))
+    def forward(self, x: Tensor, addend: Optional[Tensor] = None) -> Tensor:
+        if addend is not None and isinstance(self.conv, FusedConv2d):
+            return self.conv(x, addend)  # its norm is folded; the add is a oneDNN post-op
+        out = self.norm(self.conv(x))
+        return out if addend is None else out + addend
 
 
 class LastLevelMaxPool(nn.Module):
@@ -135,8 +142,8 @@ class FPN(Backbone):
         inner = self.lateral_convs[-1](feats[-1])
         results = [self.output_convs[-1](inner)]
         for i in range(len(feats) - 2, -1, -1):
-            lateral = self.lateral_convs[i](feats[i])
-            inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
+            top_down = F.interpolate(inner, size=feats[i].shape[-2:], mode="nearest")
+            inner = self.lateral_convs[i](feats[i], top_down)  # lateral 1x1 conv + top-down
             results.insert(0, self.output_convs[i](inner))
         out = dict(zip(self._level_names, results))
         if self.top_block is not None:

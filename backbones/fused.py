@@ -15,7 +15,10 @@ Nothing here knows our layer names. A module opts in by declaring, as class attr
   the last by the shortcut add and a ReLU), with the shortcut in ``downsample``: the block
   becomes a ``FusedBlock``;
 - ``relu_after_pairs = True``: its forward runs every declared pair through
-  ``conv_norm_relu`` (a stem); each folded conv becomes a ``FusedConv2d`` with the ReLU inside.
+  ``conv_norm_relu`` (a stem); each folded conv becomes a ``FusedConv2d`` with the ReLU inside;
+- ``addend_after_pairs = True``: its forward may add a tensor after a declared pair (FPN's
+  lateral conv plus the top-down map); each folded conv becomes a ``FusedConv2d`` without a
+  ReLU, which the module calls with the addend so that the add is a post-op.
 """
 
 from typing import Optional
@@ -169,10 +172,11 @@ def fuse_conv_relu(model: nn.Module) -> nn.Module:
             if _fusable_block(child):
                 setattr(parent, name, FusedBlock(child))
     for module in list(model.modules()):
-        if not getattr(module, "relu_after_pairs", False):
+        relu = getattr(module, "relu_after_pairs", False)
+        if not (relu or getattr(module, "addend_after_pairs", False)):
             continue
         for conv_name, norm_name in module.conv_norm_pairs:
             conv = getattr(module, conv_name)
             if type(conv) is nn.Conv2d and _is_folded(getattr(module, norm_name)):
-                setattr(module, conv_name, FusedConv2d(conv, relu=True))
+                setattr(module, conv_name, FusedConv2d(conv, relu=relu))
     return model

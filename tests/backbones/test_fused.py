@@ -31,6 +31,8 @@ def test_fused_backbone_equals_folded(arch):
     assert all(isinstance(getattr(stem, n), nn.Identity) for _, n in pairs)
     assert not any(isinstance(m, (backbones.BasicBlock, backbones.Bottleneck))
                    for m in fused.modules())
+    # FPN's lateral convs take the top-down map as an add post-op
+    assert all(isinstance(c.conv, FusedConv2d) and not c.conv.relu for c in fused.lateral_convs)
     assert fused.state_dict().keys() != folded.state_dict().keys()  # really swapped
     x = torch.randn(2, 3, 97, 131).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
