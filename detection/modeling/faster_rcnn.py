@@ -11,7 +11,7 @@ from backbones.fpn import ConvNorm
 from backbones.fused import FusedConv2d, FusedLinear, fuse_conv_relu
 
 from .metadata import Metadata
-from .precision import Cast, check_precision
+from .precision import Cast, RefinedRPNHead, check_precision
 from .preprocess import Preprocessor, detector_inputs, in_input_pixels
 from .roi_heads import StandardROIHeads
 from .rpn import RPN
@@ -93,8 +93,13 @@ class GeneralizedRCNN(nn.Module):
                     fcs[i] = FusedLinear(fc, relu=True)
         if dtype != torch.float32:  # the backbone in bf16, the heads in float32
             self.backbone.to(dtype)
-            self.rpn.head = Cast(self.rpn.head, input_dtype=torch.float32,
-                                 output_dtype=torch.float32)
+            if len(self.rpn.head.convs) == 1:  # bf16, refined in float32 at the top anchors
+                k = self.rpn.pre_nms_topk[1]
+                self.rpn.head = RefinedRPNHead(self.rpn.head, refine_topk=k + k // 4,
+                                               dtype=dtype)
+            else:
+                self.rpn.head = Cast(self.rpn.head, input_dtype=torch.float32,
+                                     output_dtype=torch.float32)
         self.precision, self._input_dtype = precision, dtype
         self._channels_last = channels_last or dtype != torch.float32
         if self._channels_last:

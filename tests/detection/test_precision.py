@@ -11,7 +11,8 @@ import torch
 from detection.deploy import export_model, load_exported
 from detection.deploy.agreement import compare_detections
 from detection.engine.loading import build_model_from_cfg
-from detection.modeling.precision import Cast, low_precision_parts
+from detection.modeling.precision import RefinedRPNHead, low_precision_parts
+from detection.modeling.rpn import RPNHead
 from segmentation.config import load_config
 
 SIZE = 160
@@ -70,8 +71,10 @@ def test_bf16_keeps_detections_in_torch(trained):
     assert low_precision_parts(bf16) == []  # Cast wrappers into bf16: none in Faster R-CNN
     assert {p.dtype for p in bf16.roi_heads.parameters()} == {torch.float32}
     assert bf16.roi_heads.box_predictor.cls_score.weight.dtype == torch.float32
-    assert isinstance(bf16.rpn.head, Cast) and bf16.rpn.head.input_dtype == torch.float32
-    assert {p.dtype for p in bf16.rpn.parameters()} == {torch.float32}
+    head = bf16.rpn.head  # bf16 at every location, float32 at the top anchors' locations
+    assert isinstance(head, RefinedRPNHead)
+    assert {p.dtype for p in head.low.parameters()} == {torch.bfloat16}
+    assert head.window_weight.dtype == head.predictor_weight.dtype == torch.float32
     images, _ = shapes(16, seed=1)
     matched = total = 0
     with torch.inference_mode():
@@ -82,6 +85,41 @@ def test_bf16_keeps_detections_in_torch(trained):
             a = compare_detections(ref, got, iou=0.95, score_tol=0.02, min_score=0.07)
             matched, total = matched + a.matched, total + a.reference
     assert total >= 16 and matched / total >= 0.99, (matched, total)
+
+
+def test_refined_rpn_head_is_float32_at_the_top_anchors():
+    """The bf16 RPN head gives the float32 head's logits and deltas (from the same bf16
+    features) at every location of its top anchors, image borders included; elsewhere
+    bf16's approximation."""
+    torch.manual_seed(0)
+    head = RPNHead(32, num_anchors=3).eval()
+    for m in head.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, std=0.1)
+            torch.nn.init.uniform_(m.bias, -0.5, 0.5)
+    feats = [torch.randn(2, 32, h, w).to(torch.bfloat16).contiguous(
+        memory_format=torch.channels_last) for h, w in ((37, 53), (19, 1), (2, 3))]
+    k = 40
+    refined = RefinedRPNHead(head, refine_topk=k, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want_logits, want_deltas = head([f.float() for f in feats])
+        got_logits, got_deltas = refined(feats)
+    for want_l, want_d, got_l, got_d in zip(want_logits, want_deltas, got_logits, got_deltas):
+        assert got_l.dtype == got_d.dtype == torch.float32
+        n, a, h, w = want_l.shape
+        for i in range(n):
+            # the reference's top half: their bf16 ranks are surely within the top k
+            top = want_l[i].reshape(-1).topk(min(k // 2, a * h * w)).indices % (h * w)
+            loc = torch.unique(top)
+            torch.testing.assert_close(got_l[i].reshape(a, -1)[:, loc],
+                                       want_l[i].reshape(a, -1)[:, loc], rtol=0, atol=1e-4)
+            torch.testing.assert_close(got_d[i].reshape(4 * a, -1)[:, loc],
+                                       want_d[i].reshape(4 * a, -1)[:, loc], rtol=0, atol=1e-4)
+        if a * h * w <= k:  # small levels: every location refined
+            torch.testing.assert_close(got_l, want_l, rtol=0, atol=1e-4)
+        else:  # the others stay bf16: close, not equal
+            diff = (got_l - want_l).abs()
+            assert 0 < float(diff.max()) < 0.2
 
 
 def _agreement(reference, candidate, images):
