@@ -91,6 +91,8 @@ class GeneralizedRCNN(nn.Module):
             for i, fc in enumerate(fcs):
                 if type(fc) is nn.Linear:
                     fcs[i] = FusedLinear(fc, relu=True)
+        if hasattr(self.roi_heads.box_head, "use_channels_last"):
+            self.roi_heads.box_head.use_channels_last()
         if dtype != torch.float32:  # the backbone in bf16, the heads in float32
             self.backbone.to(dtype)
             if len(self.rpn.head.convs) == 1:  # bf16, refined in float32 at the top anchors

@@ -76,6 +76,8 @@ class ROIPooler(nn.Module):
                           self.sampling_ratio, self.aligned)
         levels = self.levels(rois)
         out = rois.new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
+        if kernel is roi_align_gathered:  # its results' layout: level scatters copy rows
+            out = out.contiguous(memory_format=torch.channels_last)
         for lvl, (feat, scale) in enumerate(zip(features, self.scales)):
             idx = torch.nonzero(levels == lvl).squeeze(1)
             if is_tracing():  # no branch on the data, and a scatter whatever idx's size
@@ -135,10 +137,11 @@ GATHER_CHUNK = 1 << 23  # window elements gathered at a time (32 MiB in float32)
 def roi_align_gathered(feature: Tensor, rois: Tensor, output_size, scale: float,
                        sampling_ratio: int, aligned: bool) -> Tensor:
     """torchvision's ``roi_align`` (same arguments; float32 or float64 out, any float
-    features), computed as: gather each roi's window of feature rows and columns from the
-    channels-last map (channels contiguous), then two small matrix products with the per-roi
-    row and column weights of ``_axis_weights``. Equal to torchvision's kernel up to the order
-    of float sums; threaded by torch's own gather and batched matmul."""
+    features; the result in channels-last layout), computed as: gather each roi's window of
+    feature rows and columns from the channels-last map (channels contiguous), then two small
+    matrix products with the per-roi row and column weights of ``_axis_weights``. Equal to
+    torchvision's kernel up to the order of float sums; threaded by torch's own gather and
+    batched matmul."""
     n, c, h, w = feature.shape
     ph, pw = output_size
     dtype = rois.dtype
@@ -158,7 +161,7 @@ def roi_align_gathered(feature: Tensor, rois: Tensor, output_size, scale: float,
     image = rois[:, 0].long()
     rows = (y0[:, None] + torch.arange(weight_y.shape[2])).clamp(max=h - 1)
     cols = (x0[:, None] + torch.arange(weight_x.shape[2])).clamp(max=w - 1)
-    out = rois.new_empty((rois.shape[0], c, ph, pw))
+    out = rois.new_empty((rois.shape[0], ph, pw, c))  # returned as a channels-last view
     # rois of one window size together, each group in chunks of about GATHER_CHUNK elements
     side = torch.maximum(span_y, span_x)
     side, order = torch.sort(side)
@@ -169,5 +172,6 @@ def roi_align_gathered(feature: Tensor, rois: Tensor, output_size, scale: float,
             window = nhwc[image[idx, None, None], rows[idx, :ky, None], cols[idx, None, :kx]]
             window = window.to(dtype).view(idx.numel(), ky, kx * c)
             by_rows = torch.bmm(weight_y[idx, :, :ky], window).view(idx.numel(), ph, kx, c)
-            out[idx] = torch.einsum("riwc,rjw->rcij", by_rows, weight_x[idx, :, :kx])
-    return out
+            # [r, 1, pw, kx] @ [r, ph, kx, c] -> [r, ph, pw, c], rows of channels
+            out[idx] = torch.matmul(weight_x[idx, None, :, :kx], by_rows)
+    return out.permute(0, 3, 1, 2)

@@ -66,6 +66,8 @@ class FastRCNNConvFCHead(nn.Module):
         self.convs = conv_stack(in_channels, conv_dims, norm)
         in_channels = conv_dims[-1] if conv_dims else in_channels
         size = in_channels * resolution * resolution
+        self.flat_shape = (in_channels, resolution, resolution)
+        self.flatten_channels_last = False
         self.fcs = nn.ModuleList()
         for dim in fc_dims:
             fc = nn.Linear(size, dim)
@@ -78,10 +80,24 @@ class FastRCNNConvFCHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         for conv in self.convs:
             x = F.relu(conv(x))
-        x = x.flatten(1)
+        # (S, S, C) order: a view of channels-last RoI features (see use_channels_last)
+        x = x.permute(0, 2, 3, 1).flatten(1) if self.flatten_channels_last else x.flatten(1)
         for fc in self.fcs:
             x = apply_relu(fc, x)
         return x
+
+
+    def use_channels_last(self) -> None:
+        """Inference: flatten the features in (S, S, C) order, the first fc's weight columns
+        permuted to match, so that channels-last RoI features (the CPU RoIAlign's) flatten
+        without a copy. The same function; other layouts are copied into that order."""
+        if self.flatten_channels_last or not self.fcs:
+            return
+        fc = self.fcs[0]
+        w = fc.weight.detach()
+        fc.weight.data = (w.view(w.shape[0], *self.flat_shape).permute(0, 2, 3, 1)
+                          .reshape(w.shape[0], -1).contiguous())
+        self.flatten_channels_last = True
 
 
 class Res5BoxHead(nn.Module):

@@ -42,3 +42,25 @@ def test_fused_inference_keeps_detections():
         assert (best.values > 0.999).all()
         torch.testing.assert_close(g["scores"][best.indices], w["scores"][top], rtol=1e-3,
                                    atol=1e-4)
+
+
+@pytest.mark.parametrize("conv_dims", [(), (8,)])
+def test_box_head_flattens_channels_last_features_in_place(conv_dims):
+    """After ``use_channels_last`` the box head computes the same function, on channels-last
+    RoI features (the CPU RoIAlign's layout, flattened as a view) and on NCHW ones."""
+    from detection.modeling.roi_heads import FastRCNNConvFCHead
+
+    torch.manual_seed(0)
+    head = FastRCNNConvFCHead(in_channels=6, resolution=5, conv_dims=conv_dims,
+                              fc_dims=(16, 12)).eval()
+    x = torch.randn(7, 6, 5, 5)
+    before = head.fcs[0].weight.detach().clone()
+    with torch.no_grad():
+        want = head(x)
+        head.use_channels_last()
+        head.use_channels_last()  # idempotent
+        got_cl = head(x.contiguous(memory_format=torch.channels_last))
+        got = head(x)
+    torch.testing.assert_close(got_cl, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert head.flatten_channels_last and not torch.equal(head.fcs[0].weight, before)
