@@ -119,6 +119,13 @@ class Checkpointer:
             obj.load_state_dict(self._pending.pop(name))
             logger.info("Restored %s state from %s", name, self.resumed_from)
 
+    def register_model_states(self) -> None:
+        """Register the model's ``training_states()`` (name -> object with ``state_dict``),
+        where it has them: e.g. RetinaNet's running foreground count."""
+        states = getattr(self._model(), "training_states", None)
+        for name, obj in (states() if states is not None else {}).items():
+            self.register(name, obj)
+
     def save(self, name: str, iteration: int,
              rng_states: Optional[Sequence[Dict[str, Any]]] = None) -> Path:
         """Write ``output_dir/name.pth`` atomically. ``rng_states``: every rank's

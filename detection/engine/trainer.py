@@ -125,6 +125,8 @@ class Trainer:
         self.scaler = grad_scaler
         if self.scaler is not None and checkpointer is not None:
             checkpointer.register("grad_scaler", self.scaler)
+        if checkpointer is not None:
+            checkpointer.register_model_states()
         self.progress = progress and du.is_main_process()
         self.iteration = start_iter
         self.signals = StopSignals()

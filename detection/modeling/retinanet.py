@@ -97,6 +97,24 @@ class RetinaNetHead(nn.Module):
         return logits, deltas
 
 
+class RunningMean:
+    """An exponential running mean (``momentum`` on the old value) with ``state_dict`` and
+    ``load_state_dict``, so that a training checkpoint can carry it."""
+
+    def __init__(self, initial: float, momentum: float) -> None:
+        self.value, self.momentum = float(initial), float(momentum)
+
+    def update(self, sample: float) -> float:
+        self.value = self.momentum * self.value + (1 - self.momentum) * float(sample)
+        return self.value
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
 class RetinaNet(nn.Module):
     """RetinaNet that owns its preprocessing; see the module docstring for the call.
 
@@ -151,8 +169,9 @@ class RetinaNet(nn.Module):
         if self.metadata.num_classes != k:
             raise ValueError(f"metadata names {self.metadata.num_classes} classes but the head "
                              f"predicts {k}")
-        # detectron2's running foreground count (not a buffer: peers' checkpoints lack it)
-        self.ema_foreground = 100.0
+        # detectron2's running foreground count: not a buffer (peers' checkpoints lack it),
+        # a training state that training checkpoints carry (``training_states``)
+        self.foreground = RunningMean(100.0, momentum=0.9)
 
     @property
     def num_classes(self) -> int:
@@ -226,9 +245,13 @@ class RetinaNet(nn.Module):
             norm = num_pos.clamp(min=1).to(cls_per_image.dtype)
             return {"loss_cls": (cls_per_image / norm).mean(),
                     "loss_box_reg": (box_per_image / norm).mean()}
-        self.ema_foreground = 0.9 * self.ema_foreground + 0.1 * max(int(num_pos.sum()), 1)
-        return {"loss_cls": cls_per_image.sum() / self.ema_foreground,
-                "loss_box_reg": box_per_image.sum() / self.ema_foreground}
+        norm = self.foreground.update(max(int(num_pos.sum()), 1))
+        return {"loss_cls": cls_per_image.sum() / norm, "loss_box_reg": box_per_image.sum() / norm}
+
+    def training_states(self) -> Dict[str, "RunningMean"]:
+        """States besides the parameters that resuming a training run restores (the trainer
+        registers them with its checkpointer)."""
+        return {"retinanet_foreground": self.foreground}
 
     # ------------------------------------------------------------------ inference
 

@@ -14,6 +14,7 @@ import torch
 from detection.config import get_cfg, load_config
 from detection.data.shapes import ensure_shapes_dataset
 from detection.deploy.loading import load_for_evaluation
+from detection.engine.checkpoint import load_checkpoint
 from detection.engine.train_net import train
 from detection.families import get_family
 from detection.modeling.build import build_retinanet
@@ -227,6 +228,36 @@ def test_losses_are_finite_and_reach_every_trainable_part(opts):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+def test_running_foreground_count_resumes_from_the_checkpoint(tmp_path):
+    """detectron2's loss normalizer (a running mean of foreground anchors) is a training
+    state: saved with the training checkpoint, restored on resume whichever comes first,
+    resume or registration; not in the model's state dict, which peers' checkpoints fit."""
+    from detection.engine.checkpoint import Checkpointer
+
+    model = _tiny().train()
+    model(_images(), _targets())
+    value = model.foreground.value
+    assert value != 100.0 and not any("foreground" in k for k in model.state_dict())
+    saver = Checkpointer(tmp_path, model=model)
+    saver.register_model_states()
+    saver.save("model_0000001", 1)
+    for register_first in (True, False):
+        fresh = _tiny().train()
+        assert fresh.foreground.value == 100.0
+        loader = Checkpointer(tmp_path, model=fresh)
+        if register_first:
+            loader.register_model_states()
+        assert loader.resume() == 1
+        if not register_first:
+            loader.register_model_states()
+        assert fresh.foreground.value == value
+        torch.manual_seed(1)
+        want = model(_images(), _targets())
+        got = fresh(_images(), _targets())
+        assert torch.equal(got["loss_cls"], want["loss_cls"])
+        model.foreground.value = value
+
+
 def test_bad_targets_name_the_image_and_box():
     model = _tiny().train()
     bad = _targets()
@@ -309,6 +340,8 @@ def test_learns_shapes_and_runs_through_the_tools(shapes, tmp_path):
     print(f"box AP on the training images: {ap:.1f} after {ITERS} iterations, {ap0:.1f} untrained")
     assert ap > 8 and ap > ap0 + 5  # measured: 15.4 against 0.0
     weights = str(tmp_path / "run" / "model_final.pth")
+    saved = load_checkpoint(weights)["extra"]["retinanet_foreground"]
+    assert saved["value"] == model.foreground.value != 100.0  # the trainer registered it
 
     cfg = load_config("retinanet_r18_fpn_shapes.yaml", _opts(train_set, tmp_path / "ev", 1))
     cfg.MODEL.WEIGHTS = weights
