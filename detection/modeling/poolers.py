@@ -75,9 +75,12 @@ class ROIPooler(nn.Module):
             return kernel(features[0], rois, self.output_size, self.scales[0],
                           self.sampling_ratio, self.aligned)
         levels = self.levels(rois)
-        out = rois.new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
+        shape = (rois.shape[0], features[0].shape[1], *self.output_size)
         if kernel is roi_align_gathered:  # its results' layout: level scatters copy rows
-            out = out.contiguous(memory_format=torch.channels_last)
+            out = torch.empty(shape, dtype=rois.dtype, device=rois.device,
+                              memory_format=torch.channels_last)  # each roi has one level
+        else:
+            out = rois.new_zeros(shape)
         for lvl, (feat, scale) in enumerate(zip(features, self.scales)):
             idx = torch.nonzero(levels == lvl).squeeze(1)
             if is_tracing():  # no branch on the data, and a scatter whatever idx's size

@@ -107,4 +107,26 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: Tuple[int, int], *,
         cols = _detectron2_weights(boxes, size, w, 0)
         rows = _detectron2_weights(boxes, size, h, 1)
     rows, cols = rows.to(masks.dtype), cols.to(masks.dtype)
-    return rows @ masks @ cols.transpose(1, 2)  # [N, H, M'] @ [N, M', M'] @ [N, M', W]
+    if is_tracing():
+        return rows @ masks @ cols.transpose(1, 2)  # [N, H, M'] @ [N, M', M'] @ [N, M', W]
+    # Eagerly, each mask's product over just the rows and columns its weights reach (its
+    # box): the same sums, without multiplying the zeros of the rest of the image.
+    out = masks.new_zeros((n, h, w))
+    (r0, r1), (c0, c1) = _reach(rows), _reach(cols)
+    for i in range(n):
+        if r1[i] > r0[i] and c1[i] > c0[i]:
+            out[i, r0[i]:r1[i], c0[i]:c1[i]] = (
+                rows[i, r0[i]:r1[i]] @ masks[i] @ cols[i, c0[i]:c1[i]].t())
+    return out
+
+
+def _reach(weights: Tensor):
+    """Per mask, the first and one past the last pixel (row or column) with a nonzero weight,
+    as lists; ``(0, 0)`` where there is none."""
+    hit = (weights != 0).any(dim=2)  # [N, L]
+    length = hit.shape[1]
+    idx = torch.arange(length, device=hit.device)
+    first = torch.where(hit, idx, length).amin(dim=1)
+    last = torch.where(hit, idx, -1).amax(dim=1) + 1
+    first = torch.where(last > 0, first, torch.zeros_like(first))
+    return first.tolist(), last.clamp(min=0).tolist()

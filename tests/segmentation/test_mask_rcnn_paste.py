@@ -67,13 +67,15 @@ def test_torchvision_half_mask_fills_half_the_box():
     assert torch.equal(out >= 0.5, _region(19, 51, 10, 20))
 
 
-def _random_case(n: int = 12, seed: int = 0):
+def _random_case(n: int = 12, seed: int = 0, outside: bool = False):
     gen = torch.Generator().manual_seed(seed)
     masks = torch.rand(n, 1, 28, 28, generator=gen)
     xy = torch.rand(n, 2, generator=gen) * 70 - 10  # some boxes cross the border
     wh = torch.rand(n, 2, generator=gen) * 50 + 12
     boxes = torch.cat([xy, xy + wh], dim=1)
     boxes[0] = torch.tensor([5.2, 6.7, 5.9, 7.1])  # thinner than a pixel
+    if outside:  # wholly right of the (70, 80) image (torchvision's own paste fails on it)
+        boxes[1] = torch.tensor([95.0, 3.0, 130.0, 40.0])
     return masks, boxes
 
 
@@ -86,7 +88,7 @@ def test_torchvision_mode_equals_torchvision_paste():
 
 
 def test_detectron2_mode_equals_grid_sample_reference():
-    masks, boxes = _random_case(seed=1)
+    masks, boxes = _random_case(seed=1, outside=True)
     h, w = 70, 80
     x0, y0, x1, y1 = boxes.split(1, dim=1)  # (N, 1) each
     gx = ((torch.arange(w) + 0.5)[None] - x0) / (x1 - x0) * 2 - 1  # (N, W)
@@ -95,6 +97,13 @@ def test_detectron2_mode_equals_grid_sample_reference():
     ref = F.grid_sample(masks, grid, align_corners=False)[:, 0]
     ours = paste_masks(masks, boxes, (h, w), mode="detectron2")
     assert (ours - ref).abs().max() < 1e-5
+
+
+def test_a_box_outside_the_image_pastes_nothing():
+    masks, boxes = _random_case(outside=True)
+    inside = paste_masks(masks, _random_case()[1], (70, 80), mode="torchvision")
+    ours = paste_masks(masks, boxes, (70, 80), mode="torchvision")
+    assert not ours[1].any() and torch.equal(ours[2:], inside[2:])
 
 
 def test_empty_and_bad_inputs():
