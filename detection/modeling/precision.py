@@ -113,7 +113,6 @@ class RefinedRPNHead(nn.Module):
             raise ValueError("RefinedRPNHead needs a 3x3 conv of stride 1 and padding 1")
         channels = weight.shape[1]
         self.refine_topk = int(refine_topk)
-        self.num_anchors = head.objectness.weight.shape[0]
         self.low = copy.deepcopy(head).to(dtype)
         # float32 copies: the window (ky, kx, channel) -> conv output, and the 1x1 predictors
         self.register_buffer("window_weight", weight.permute(2, 3, 1, 0)

@@ -127,6 +127,5 @@ def _reach(weights: Tensor):
     length = hit.shape[1]
     idx = torch.arange(length, device=hit.device)
     first = torch.where(hit, idx, length).amin(dim=1)
-    last = torch.where(hit, idx, -1).amax(dim=1) + 1
-    first = torch.where(last > 0, first, torch.zeros_like(first))
-    return first.tolist(), last.clamp(min=0).tolist()
+    last = torch.where(hit, idx, -1).amax(dim=1) + 1  # 0 where no pixel is hit
+    return torch.minimum(first, last).tolist(), last.tolist()
