@@ -36,6 +36,11 @@ class ConvNorm(nn.Module):
         if self.conv.bias is not None:
             nn.init.zeros_(self.conv.bias)
 
+    @property
+    def fused_relu(self) -> bool:
+        """Whether the conv applies a ReLU itself (a fused conv with its norm folded)."""
+        return isinstance(self.norm, nn.Identity) and getattr(self.conv, "fused_relu", False)
+
     def forward(self, x: Tensor, addend: Optional[Tensor] = None) -> Tensor:
         if addend is not None and isinstance(self.conv, FusedConv2d):
             return self.conv(x, addend)  # its norm is folded; the add is a oneDNN post-op

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from .winograd import MIN_CHANNELS, transform_weight, winograd_conv3x3, winograd_supported
+
 
 def _fusion_available() -> bool:
     return (torch.backends.mkldnn.is_available()
@@ -52,11 +54,34 @@ class FusedConv2d(nn.Module):
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.relu = self.fused_relu = relu
+        self.weight_winograd: Optional[Tensor]
+        self.register_buffer("weight_winograd", None, persistent=False)
         # Measured here: oneDNN's blocked weight layout made ahead of time
         # (mkldnn_reorder_conv2d_weight) was slower than a channels_last weight, which
         # prepare_for_inference gives every conv; so the weight stays a plain tensor.
 
+    def use_winograd(self, min_channels: int) -> bool:
+        """Run this conv as Winograd F(4x4, 3x3) on CPU float32 inputs from now on, where
+        it is a 3x3 stride-1 conv of at least ``min_channels`` channels (``backbones.winograd``).
+        Returns whether it will."""
+        if not winograd_supported(self, min_channels):
+            return False
+        self.weight_winograd = transform_weight(self.weight)
+        return True
+
+    def _winograd_pays(self, x: Tensor) -> bool:
+        # Measured here: one image of at least about 40 tiles of 4x4 (13x17 was as fast
+        # direct); on batches of small maps (the mask head's 100 RoIs of 14x14) oneDNN's
+        # direct conv runs at its best rate and Winograd was not faster.
+        return (self.weight_winograd is not None and x.dtype == torch.float32
+                and self.weight.dtype == self.weight_winograd.dtype == torch.float32
+                and x.dim() == 4 and x.shape[0] == 1
+                and ((x.shape[2] + 3) // 4) * ((x.shape[3] + 3) // 4) >= 40
+                and not torch.jit.is_scripting() and not torch.jit.is_tracing())
+
     def forward(self, x: Tensor, other: Optional[Tensor] = None) -> Tensor:
+        if self.weight_winograd is not None and _use_fused(x) and self._winograd_pays(x):
+            return winograd_conv3x3(x, self.weight_winograd, self.bias, self.relu, other)
         # float32, and bf16 (a bf16 backbone: measured 1.7x faster than conv, add, ReLU)
         if _use_fused(x, (torch.float32, torch.bfloat16)) and self.weight.dtype == x.dtype:
             op = torch.ops.mkldnn._convolution_pointwise
@@ -180,3 +205,12 @@ def fuse_conv_relu(model: nn.Module) -> nn.Module:
             if type(conv) is nn.Conv2d and _is_folded(getattr(module, norm_name)):
                 setattr(module, conv_name, FusedConv2d(conv, relu=relu))
     return model
+
+
+def use_winograd(model: nn.Module, min_channels: int = MIN_CHANNELS) -> int:
+    """Every ``FusedConv2d`` of ``model`` that is a 3x3 stride-1 conv of at least
+    ``min_channels`` input and output channels runs as Winograd F(4x4, 3x3) on CPU float32
+    inputs (``backbones.winograd``). Call it after the weights are final (the transformed
+    weights are computed now). Returns how many convs will."""
+    return sum(m.use_winograd(min_channels) for m in model.modules()
+               if isinstance(m, FusedConv2d))

@@ -6,7 +6,9 @@ that hundreds of scores pass 0.05), same process, one 800x1067 image, timed roun
 
 Prints median seconds, the ratio ours / torchvision, and the share of torchvision's
 detections that ours reproduces (same label, IoU > 0.99, score within 1e-3), for our plain
-model and for the inference-optimized one (BatchNorm folded, channels_last, fused ReLUs).
+model, for the inference-optimized one (BatchNorm folded, channels_last, fused ReLUs,
+Winograd 3x3 convs), the same without Winograd ("opt. direct"), and bf16 (backbone in bf16,
+head in float32; its agreement is not expected of random weights).
 """
 
 import statistics
@@ -73,9 +75,12 @@ def main() -> None:
     ref = lively_reference(img)
     plain = ours_from(ref)
     fast = ours_from(ref).optimize_for_inference(channels_last=True)
+    direct = ours_from(ref).optimize_for_inference(channels_last=True, winograd=False)
+    bf16 = ours_from(ref).optimize_for_inference(precision="bf16")
     with torch.inference_mode():
         expected = ref([img / 255])[0]
-        rows = {"ours, plain": plain, "ours, optimized": fast}
+        rows = {"ours, plain": plain, "ours, optimized": fast,
+                "ours, opt. direct": direct, "ours, bf16": bf16}
         got = {name: m([img])[0] for name, m in rows.items()}
         fns = {"torchvision": lambda: ref([img / 255])}
         fns.update({name: (lambda m=m: m([img])) for name, m in rows.items()})

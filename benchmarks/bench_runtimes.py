@@ -123,10 +123,10 @@ def main() -> None:
     torchvision_onnx(ref, img, tmp / "torchvision.onnx", masks)
     export_model(plain, tmp / "ours", "onnx", split=True)
 
-    def ours(precision: str):
+    def ours(precision: str, **options):
         import copy
 
-        return copy.deepcopy(plain).optimize_for_inference(precision=precision)
+        return copy.deepcopy(plain).optimize_for_inference(precision=precision, **options)
 
     rows = {
         "torchvision eager": (lambda: ref([img / 255]), 1),
@@ -135,6 +135,7 @@ def main() -> None:
         "torchvision -> OpenVINO default (bf16)":
             (Session(tmp / "torchvision.onnx", "openvino", names, precision=None), 0),
         "ours, torch fp32": (ours("fp32"), 0),
+        "ours, torch fp32, direct convs (winograd=False)": (ours("fp32", winograd=False), 0),
         "ours, torch bf16": (ours("bf16"), 0),
         "ours -> ONNX Runtime": (load_exported(tmp / "ours", "onnxruntime"), 0),
         "ours -> OpenVINO f32": (load_exported(tmp / "ours", "openvino"), 0),

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from backbones import fold_conv_norm, fold_frozen_batchnorm
 from backbones.fpn import ConvNorm
-from backbones.fused import FusedConv2d, FusedLinear, fuse_conv_relu
+from backbones.fused import FusedConv2d, FusedLinear, fuse_conv_relu, use_winograd
 
 from .metadata import Metadata
 from .precision import Cast, RefinedRPNHead, check_precision
@@ -66,14 +66,17 @@ class GeneralizedRCNN(nn.Module):
 
     @torch.no_grad()
     def optimize_for_inference(self, channels_last: bool = True, fuse: bool = True,
-                               precision: str = "fp32") -> "GeneralizedRCNN":
+                               precision: str = "fp32",
+                               winograd: bool = True) -> "GeneralizedRCNN":
         """Fold frozen (and eval-mode) BatchNorm into the preceding convs, in the ResNet
         blocks, the FPN and the box head, and use the channels-last layout; with ``fuse``,
         also apply each ReLU and residual add inside its convolution or linear layer
         (oneDNN post-ops, CPU float32; other devices take the plain path). ``precision``
         "bf16" runs the backbone (ResNet and FPN) in bf16 and the heads in float32
-        (see ``precision.py``). Inference only: the folded model cannot train its
-        norms any more. Returns the model."""
+        (see ``precision.py``). With ``fuse`` and ``winograd`` in float32, the fused 3x3
+        convs of 256 channels or more (FPN outputs, RPN head, ResNet's res4/res5, mask
+        head) run as Winograd F(4x4, 3x3) on CPU (``backbones.winograd``). Inference only:
+        the folded model cannot train its norms any more. Returns the model."""
         dtype = check_precision(precision)
         self.eval()
         fold_frozen_batchnorm(self)
@@ -91,6 +94,8 @@ class GeneralizedRCNN(nn.Module):
             for i, fc in enumerate(fcs):
                 if type(fc) is nn.Linear:
                     fcs[i] = FusedLinear(fc, relu=True)
+        if fuse and winograd and dtype == torch.float32:
+            use_winograd(self)
         if hasattr(self.roi_heads.box_head, "use_channels_last"):
             self.roi_heads.box_head.use_channels_last()
         if dtype != torch.float32:  # the backbone in bf16, the heads in float32

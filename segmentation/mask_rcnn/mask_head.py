@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from backbones.fused import apply_relu
 from detection.modeling.poolers import ROIPooler
 from detection.modeling.roi_heads import conv_stack
 from detection.modeling.structures import Detections, SampledProposals
@@ -60,7 +61,7 @@ class MaskRCNNHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         for conv in self.convs:
-            x = F.relu(conv(x))
+            x = apply_relu(conv, x)
         return self.predictor(F.relu(self.deconv(x)))
 
     def _logits(self, features: Dict[str, Tensor], boxes: List[Tensor]) -> Tensor:

@@ -4,8 +4,9 @@ into the input images once the boxes are mapped back to input pixels."""
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from backbones.fused import FusedConv2d
 from detection.modeling.faster_rcnn import GeneralizedRCNN
 from detection.modeling.precision import check_precision, run_in
 from detection.modeling.preprocess import Preprocessor
@@ -74,11 +75,14 @@ class MaskRCNN(GeneralizedRCNN):
         return out
 
     def optimize_for_inference(self, channels_last: bool = True, fuse: bool = True,
-                               precision: str = "fp32") -> "MaskRCNN":
+                               precision: str = "fp32", winograd: bool = True) -> "MaskRCNN":
         """As the detector's; with "bf16" the mask head's convs and deconvolution run in bf16
         too, its per-class predictor in float32 (RoIAlign hands them float32 features)."""
-        super().optimize_for_inference(channels_last, fuse, precision)
+        super().optimize_for_inference(channels_last, fuse, precision, winograd)
         dtype = check_precision(precision)
+        for conv in self.roi_heads.mask_head.convs:  # each ReLU inside its fused conv
+            if isinstance(conv.conv, FusedConv2d) and isinstance(conv.norm, nn.Identity):
+                conv.conv.relu = conv.conv.fused_relu = True
         if dtype != torch.float32:
             head = self.roi_heads.mask_head
             for i, conv in enumerate(head.convs):

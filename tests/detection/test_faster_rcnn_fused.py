@@ -31,6 +31,9 @@ def test_fused_inference_keeps_detections():
         plain = copy.deepcopy(model).optimize_for_inference(channels_last=False, fuse=False)
         fast = model.optimize_for_inference(channels_last=True, fuse=True)
         assert any(type(m).__name__ == "FusedLinear" for m in fast.modules())
+        # the FPN output convs and the RPN head's conv run as Winograd convolutions
+        assert sum(getattr(m, "weight_winograd", None) is not None
+                   for m in fast.modules()) >= 5
         want, got = plain(images), fast(images)
     for w, g in zip(want, got):
         assert len(w["boxes"]) >= 20 and torch.isfinite(w["scores"]).all()

@@ -288,6 +288,31 @@ def test_eval_returns_boxes_in_input_pixels():
     assert out[0]["boxes"][:, 3].max() > 100
 
 
+def test_candidates_near_the_threshold_give_the_full_top_k_result():
+    """Eager inference ranks only logits within reach of the score threshold; what passes
+    the threshold is what a top-k over every (anchor, class) pair would pass, row by row,
+    with rows of many, few and no candidates."""
+    model = _tiny().eval()
+    k, thresh = model.topk_candidates, model.score_thresh
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.randn(3, 40 * k, generator=gen) * 2 - 4  # about 7% above 0.05 in row 0
+    flat[1] -= 4.0  # a few hundred candidates, fewer than k
+    flat[2] = -10.0  # none
+    edge = math.log(thresh / (1 - thresh))
+    flat[1, :50] = edge + torch.linspace(-1e-6, 1e-6, 50)  # at the threshold itself
+    top, idx = model._top_candidates(flat)
+    full_top, full_idx = flat.topk(k, dim=1)
+    assert top.shape == idx.shape and top.shape[1] <= k
+    counts = []
+    for row in range(3):
+        keep = torch.sigmoid(top[row]) > thresh
+        full_keep = torch.sigmoid(full_top[row]) > thresh
+        assert set(idx[row][keep].tolist()) == set(full_idx[row][full_keep].tolist())
+        assert torch.equal(flat[row, idx[row][keep]], top[row][keep])
+        counts.append(int(full_keep.sum()))
+    assert counts[0] == k and 0 < counts[1] < k and counts[2] == 0
+
+
 def test_optimized_model_keeps_the_detections():
     model = _tiny().eval()
     imgs = _images()

@@ -1,0 +1,93 @@
+"""Winograd F(4x4, 3x3) convolution: the same function as the direct 3x3 conv, within float32
+round-off, on every path of its tiling (row chunks, image chunks, edge tiles)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import backbones.fused as fused_module
+from backbones.fused import FusedConv2d, use_winograd
+from backbones.winograd import transform_weight, winograd_conv3x3, winograd_supported
+
+
+def _reference(x, w, b, relu, other):
+    out = F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+    if other is not None:
+        out = out + other.double()
+    return out.clamp_min(0) if relu else out
+
+
+@pytest.mark.parametrize("shape,chunk", [
+    ((1, 24, 37, 29), 8),      # one image, chunks of rows, partial last tile row and column
+    ((1, 24, 16, 20), 1000),   # one chunk, exact tiles
+    ((5, 16, 9, 6), 7),        # batches of whole images, the last batch short
+    ((3, 16, 4, 4), 2),        # one tile per image
+])
+@pytest.mark.parametrize("relu,add,bias", [(True, False, True), (False, True, True),
+                                           (True, True, False)])
+def test_winograd_equals_direct_conv(shape, chunk, relu, add, bias):
+    gen = torch.Generator().manual_seed(0)
+    n, c, h, w = shape
+    x = torch.randn(shape, generator=gen)
+    weight = torch.randn(19, c, 3, 3, generator=gen) / (3 * c ** 0.5)
+    b = torch.randn(19, generator=gen) if bias else None
+    other = torch.randn(n, 19, h, w, generator=gen) if add else None
+    want = _reference(x, weight, b, relu, other)
+    got = winograd_conv3x3(x, transform_weight(weight), b, relu, other, chunk_tiles=chunk)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    err = (got.double() - want).abs().max().item()
+    direct = F.conv2d(x, weight, b, padding=1)
+    if other is not None:
+        direct = direct + other
+    direct_err = ((direct.clamp_min(0) if relu else direct).double() - want).abs().max().item()
+    # float32 round-off: a few times the direct conv's, far below any wrong tap or tile
+    assert err < max(20 * direct_err, 1e-5), (err, direct_err)
+    # a channels-last input gives the same result
+    got_cl = winograd_conv3x3(x.contiguous(memory_format=torch.channels_last),
+                              transform_weight(weight), b, relu, other, chunk_tiles=chunk)
+    torch.testing.assert_close(got_cl, got, rtol=0, atol=0)
+
+
+def test_winograd_rejects_wrong_channels():
+    w = transform_weight(torch.randn(8, 4, 3, 3))
+    with pytest.raises(ValueError, match="5 channels, the weight 4"):
+        winograd_conv3x3(torch.randn(1, 5, 8, 8), w)
+
+
+def test_only_3x3_stride1_wide_convs_are_supported():
+    assert winograd_supported(nn.Conv2d(256, 256, 3, padding=1))
+    assert winograd_supported(nn.Conv2d(32, 48, 3, padding=1), min_channels=32)
+    assert not winograd_supported(nn.Conv2d(128, 256, 3, padding=1))  # below 256 channels
+    assert not winograd_supported(nn.Conv2d(256, 256, 3, stride=2, padding=1))
+    assert not winograd_supported(nn.Conv2d(256, 256, 1))
+    assert not winograd_supported(nn.Conv2d(256, 256, 3, padding=2, dilation=2))
+    assert not winograd_supported(nn.Conv2d(256, 256, 3, padding=1, groups=32))
+
+
+def test_fused_conv_runs_winograd_where_it_pays(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.Conv2d(32, 32, 3, stride=2,
+                                                                      padding=1))
+    fused = nn.Sequential(FusedConv2d(model[0], relu=True), FusedConv2d(model[1], relu=False))
+    assert use_winograd(fused, min_channels=32) == 1  # the stride-2 conv stays direct
+    calls = []
+    real = fused_module.winograd_conv3x3
+    monkeypatch.setattr(fused_module, "winograd_conv3x3",
+                        lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    x = torch.randn(1, 32, 40, 52)  # 10 x 13 tiles
+    with torch.no_grad():
+        got = fused(x)
+        want = model[1](torch.relu(model[0](x)))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert calls == [x.shape]
+        fused(torch.randn(1, 32, 20, 24))  # 5 x 6 tiles: too few, direct
+        fused(torch.randn(2, 32, 40, 52))  # a batch: direct
+    assert len(calls) == 1
+    # the transformed weight is not part of the state dict
+    assert not any("winograd" in k for k in fused.state_dict())
+    # under autograd the plain conv runs, so gradients flow
+    x.requires_grad_(True)
+    fused(x).sum().backward()
+    assert x.grad is not None and len(calls) == 1
