@@ -276,6 +276,10 @@ def _retinanet() -> CfgNode:
     # in between: ignored (-1). Each ground truth's best anchors are foreground too.
     r.IOU_THRESHOLDS = [0.4, 0.5]
     r.IOU_LABELS = [0, -1, 1]
+    # "iou": RetinaNet's matching at IOU_THRESHOLDS; "atss": adaptive training sample
+    # selection (mmdetection's ATSS assigner), ATSS_TOPK nearest anchors per level
+    r.MATCHER = "iou"
+    r.ATSS_TOPK = 9
     r.PRIOR_PROB = 0.01  # initial foreground probability: the bias of the class logits
     r.SCORE_THRESH_TEST = 0.05
     r.TOPK_CANDIDATES_TEST = 1000  # per level, before NMS

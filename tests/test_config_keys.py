@@ -110,6 +110,7 @@ RUNS = {
         "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION": 7, "MODEL.ANCHOR_GENERATOR.SIZES": "[[16, 32]]"}),
     "retinanet": ("retinanet_r18_fpn_shapes.yaml", {
         "MODEL.RETINANET.NUM_CONVS": 1, "MODEL.RETINANET.LOSS_NORMALIZER": "per_image",
+        "MODEL.RETINANET.MATCHER": "atss",  # the IoU matcher trains in test_retinanet.py
         "MODEL.FPN.OUT_CHANNELS": 64}),  # GroupNorm(32) on a 1x1 p7 needs 2 channels a group
     "mask_rcnn": ("mask_rcnn_r18_fpn_shapes.yaml", {
         "MODEL.ROI_BOX_HEAD.FC_DIM": 32, "MODEL.ROI_MASK_HEAD.CONV_DIM": 8,

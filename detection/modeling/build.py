@@ -13,7 +13,7 @@ from backbones.base import Backbone
 from .anchors import AnchorGenerator
 from .box_ops import BoxCoder
 from .faster_rcnn import GeneralizedRCNN
-from .matcher import Matcher
+from .matcher import ATSSMatcher, Matcher
 from .metadata import Metadata
 from .poolers import ROIPooler
 from .preprocess import Preprocessor
@@ -277,6 +277,8 @@ def build_retinanet(cfg: CfgNode) -> RetinaNet:
     if list(r.IOU_LABELS) != [0, -1, 1]:
         raise ValueError(f"MODEL.RETINANET.IOU_LABELS must be [0, -1, 1] (background, ignored, "
                          f"foreground), got {list(r.IOU_LABELS)}")
+    if r.MATCHER not in ("iou", "atss"):
+        raise ValueError(f"MODEL.RETINANET.MATCHER must be 'iou' or 'atss', got {r.MATCHER!r}")
     if len(r.IOU_THRESHOLDS) != 2:
         raise ValueError(f"MODEL.RETINANET.IOU_THRESHOLDS takes (background below, foreground "
                          f"from), got {list(r.IOU_THRESHOLDS)}")
@@ -302,7 +304,8 @@ def build_retinanet(cfg: CfgNode) -> RetinaNet:
         preprocessor=build_preprocessor(cfg, backbone.size_divisibility), backbone=backbone,
         head=head, anchor_generator=generator, in_features=in_features,
         box_coder=BoxCoder(r.BBOX_REG_WEIGHTS),
-        matcher=Matcher(r.IOU_THRESHOLDS, allow_low_quality_matches=True),
+        matcher=(ATSSMatcher(r.ATSS_TOPK) if r.MATCHER == "atss"
+                 else Matcher(r.IOU_THRESHOLDS, allow_low_quality_matches=True)),
         focal_alpha=r.FOCAL_LOSS_ALPHA, focal_gamma=r.FOCAL_LOSS_GAMMA,
         box_loss=r.BBOX_REG_LOSS_TYPE, smooth_l1_beta=r.SMOOTH_L1_LOSS_BETA,
         loss_normalizer=r.LOSS_NORMALIZER, score_thresh=r.SCORE_THRESH_TEST,

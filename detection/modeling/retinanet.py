@@ -34,7 +34,7 @@ from .box_ops import (
     split_per_image,
     top_k_per_group,
 )
-from .matcher import BACKGROUND, FOREGROUND, Matcher
+from .matcher import BACKGROUND, FOREGROUND, ATSSMatcher, Matcher
 from .metadata import Metadata
 from .precision import Cast, check_precision
 from .preprocess import Preprocessor, detector_inputs, in_input_pixels
@@ -138,7 +138,7 @@ class RetinaNet(nn.Module):
     def __init__(
         self, *, preprocessor: Preprocessor, backbone: nn.Module, head: RetinaNetHead,
         anchor_generator: AnchorGenerator, in_features: Sequence[str], box_coder: BoxCoder,
-        matcher: Matcher, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+        matcher: Union[Matcher, ATSSMatcher], focal_alpha: float = 0.25, focal_gamma: float = 2.0,
         box_loss: str = "smooth_l1", smooth_l1_beta: float = 0.0,
         loss_normalizer: str = "ema", score_thresh: float = 0.05,
         topk_candidates: int = 1000, nms_thresh: float = 0.5, detections_per_image: int = 100,
@@ -193,15 +193,22 @@ class RetinaNet(nn.Module):
     # ------------------------------------------------------------------ training
 
     @torch.no_grad()
-    def label_anchors(self, anchors: Tensor, targets: List[Dict[str, Tensor]]
-                      ) -> Tuple[Tensor, Tensor]:
+    def label_anchors(self, anchors: Tensor, targets: List[Dict[str, Tensor]],
+                      num_per_level: Optional[Sequence[int]] = None) -> Tuple[Tensor, Tensor]:
         """-> (labels ``(N, P)``: class 0..K-1, K for background, -1 ignored; matched
-        ground-truth boxes ``(N, P, 4)``, meaningful where the label is a class)."""
+        ground-truth boxes ``(N, P, 4)``, meaningful where the label is a class).
+        ``num_per_level`` (anchors per level) is needed by the ATSS matcher."""
         labels, boxes = [], []
         k = self.num_classes
         for t in targets:
             gt = t["boxes"].to(anchors.dtype)
-            matched, quality = self.matcher(box_iou(gt, anchors))
+            if isinstance(self.matcher, ATSSMatcher):
+                if num_per_level is None:
+                    raise ValueError("the ATSS matcher needs the anchors per level")
+                matched, quality = self.matcher(gt, anchors, num_per_level,
+                                                box_iou(gt, anchors))
+            else:
+                matched, quality = self.matcher(box_iou(gt, anchors))
             if gt.shape[0] == 0:
                 labels.append(torch.full_like(matched, k))
                 boxes.append(torch.zeros_like(anchors))
@@ -218,7 +225,8 @@ class RetinaNet(nn.Module):
                targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         anchors_t = torch.cat(anchors)  # [P, 4]
         logits_t, deltas_t = torch.cat(logits, 1), torch.cat(deltas, 1)  # [N, P, K], [N, P, 4]
-        gt_labels, gt_boxes = self.label_anchors(anchors_t, targets)
+        gt_labels, gt_boxes = self.label_anchors(anchors_t, targets,
+                                                 [a.shape[0] for a in anchors])
         n, k = len(targets), self.num_classes
         valid = gt_labels >= 0
         pos = valid & (gt_labels != k)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from detection.config import get_cfg, load_config
 from detection.data.shapes import ensure_shapes_dataset
@@ -256,6 +257,45 @@ def test_running_foreground_count_resumes_from_the_checkpoint(tmp_path):
         got = fresh(_images(), _targets())
         assert torch.equal(got["loss_cls"], want["loss_cls"])
         model.foreground.value = value
+
+
+def test_atss_matches_the_hand_computed_example():
+    """Two levels (4 anchors of 10 px, 2 of 20 px), top 2 per level. Box 0 [10, 0, 21, 10]:
+    candidates' IoUs 0.909, 0.05 (level 0), 0.244, 0.02 (level 1), threshold mean + std =
+    0.720: anchor 1 only. Box 1 [10, 0, 20, 10]: IoUs 1, 0, 0.25, 0, threshold 0.786:
+    anchor 1 again, which goes to box 1 (IoU 1 against 0.909). Everything else background."""
+    from detection.modeling.matcher import ATSSMatcher
+
+    anchors = torch.tensor([[0.0, 0, 10, 10], [10, 0, 20, 10], [20, 0, 30, 10], [30, 0, 40, 10],
+                            [0, 0, 20, 20], [20, 0, 40, 20]])
+    gt = torch.tensor([[10.0, 0, 21, 10], [10, 0, 20, 10]])
+    iou = torchvision.ops.box_iou(gt, anchors)
+    matched, labels = ATSSMatcher(topk=2)(gt, anchors, [4, 2], iou)
+    assert labels.dtype == torch.int8 and labels.tolist() == [0, 1, 0, 0, 0, 0]
+    assert matched[1] == 1
+    # box 0 alone keeps anchor 1; with no boxes everything is background
+    matched, labels = ATSSMatcher(topk=2)(gt[:1], anchors, [4, 2], iou[:1])
+    assert labels.tolist() == [0, 1, 0, 0, 0, 0] and matched[1] == 0
+    _, labels = ATSSMatcher(topk=2)(gt[:0], anchors, [4, 2], iou[:0])
+    assert labels.tolist() == [0] * 6
+    # IoUs 0.5, 0, 0 (threshold 0.455): foreground; 0.25, 0, 0 (threshold 0.228) but the
+    # anchor's centre (14, 5) is outside the box: background
+    box = torch.tensor([[0.0, 0, 10, 10]])
+    for first, want in (([-4.0, 0, 16, 10], [1, 0, 0]), ([4.0, 0, 24, 10], [0, 0, 0])):
+        anc = torch.tensor([first, [40, 0, 50, 10], [60, 0, 70, 10]])
+        _, labels = ATSSMatcher(topk=3)(box, anc, [3], torchvision.ops.box_iou(box, anc))
+        assert labels.tolist() == want
+
+
+def test_atss_config_trains():
+    model = _tiny("MODEL.RETINANET.MATCHER", "atss").train()
+    from detection.modeling.matcher import ATSSMatcher
+
+    assert isinstance(model.matcher, ATSSMatcher)
+    losses = model(_images(), _targets())
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    with pytest.raises(ValueError, match="MODEL.RETINANET.MATCHER must be 'iou' or 'atss'"):
+        _tiny("MODEL.RETINANET.MATCHER", "fcos")
 
 
 def test_bad_targets_name_the_image_and_box():
