@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from detection.atomic_files import atomic_write_text
+
 logger = logging.getLogger("detection.train")
 
 
@@ -23,14 +25,35 @@ class MetricsWriter:
         self.json_path = self.output_dir / "metrics.json"
         self.max_iter, self.start_iter = max_iter, start_iter
         self._start_time = time.perf_counter()
+        self._drop_records_after(start_iter)
         self._tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+                # events past the checkpoint (a killed run's) are purged, as in metrics.json
+                self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"),
+                                         purge_step=start_iter + 1 if start_iter else None)
             except ImportError:  # tensorboard is a dependency; keep training if it is broken
                 logger.warning("tensorboard is not importable: no event files are written")
+
+    def _drop_records_after(self, start_iter: int) -> None:
+        """A run resumed from iteration ``start_iter`` redoes what a killed run logged after
+        it: those records (and a line cut off by the crash) leave ``metrics.json``, so that
+        each iteration appears once. A run started afresh (0) in the same folder replaces
+        the old records, as it replaces the old checkpoints."""
+        if not self.json_path.is_file():
+            return
+        kept, dropped = [], 0
+        for record in read_metrics(self.json_path, keep_invalid=True):
+            if record is not None and record.get("iteration", 0) <= start_iter:
+                kept.append(json.dumps(record) + "\n")
+            else:
+                dropped += 1
+        if dropped:
+            atomic_write_text(self.json_path, "".join(kept))
+            logger.info("%s: %d records after iteration %d dropped (they are redone)",
+                        self.json_path, dropped, start_iter)
 
     def write(self, iteration: int, scalars: Dict[str, float]) -> None:
         record = {"iteration": iteration, **{k: float(v) for k, v in scalars.items()}}
@@ -60,15 +83,18 @@ class MetricsWriter:
             self._tb.close()
 
 
-def read_metrics(json_path: Path) -> List[dict]:
-    """The JSON lines of ``metrics.json``; a line cut off by a crash is skipped."""
-    records = []
+def read_metrics(json_path: Path, keep_invalid: bool = False) -> List[Optional[dict]]:
+    """The JSON lines of ``metrics.json``; a line cut off by a crash is skipped (or, with
+    ``keep_invalid``, read as None)."""
+    records: List[Optional[dict]] = []
     with open(json_path) as f:
         for line in f:
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
-                continue
+                record = None
+            if isinstance(record, dict) or keep_invalid:
+                records.append(record if isinstance(record, dict) else None)
     return records
 
 

@@ -87,6 +87,14 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_pa
         assert torch.equal(got["model"][k], v), k
     assert got["optimizer"]["param_groups"][0]["lr"] == want["optimizer"]["param_groups"][0][
         "lr"]
+    # each iteration is logged once: the killed run's records after the checkpoint are gone
+    from detection.engine.events import read_metrics
+
+    def logged(run):
+        return [r["iteration"] for r in read_metrics(tmp_path / run / "metrics.json")
+                if "total_loss" in r]
+
+    assert logged("resumed") == logged("straight") and len(logged("straight")) >= 2
     # the checkpoint alone says what the model is
     assert "NUM_CLASSES: 4" in got["config"]
     assert got["metadata"]["class_names"] == ["circle", "rectangle", "triangle", "cross"]
