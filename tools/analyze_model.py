@@ -11,10 +11,30 @@ import argparse
 import sys
 import warnings
 
+import torch
+from torch import nn
+
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
 
 from backbones import FPN, build_backbone, list_backbones  # noqa: E402
 from backbones.analysis import format_table, part_table  # noqa: E402
+
+
+class _FloatOutputs(nn.Module):
+    """The model, returning only the floating-point tensors of its result dicts."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        out = []
+        for result in self.model(images):
+            for value in result.values():
+                value = value[0] if isinstance(value, tuple) else value
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    out.append(value)
+        return tuple(out)
 
 
 def main(argv=None) -> int:
@@ -33,15 +53,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.config:
-        import torch
-
-        from detection.config import load_config
-        from detection.modeling import build_model
+        # segmentation's config is the full tree; importing it registers its model families
+        from detection.families import get_family
         from detection.modeling.calibration import calibrate_batchnorm
+        from segmentation.config import load_config
 
         cfg = load_config(args.config, list(args.opts) + ["MODEL.WEIGHTS", "",
                                                           "MODEL.BACKBONE.WEIGHTS", ""])
-        model = build_model(cfg).eval()
+        model = get_family(cfg).build(cfg).eval()
         size = tuple(args.size or (800, 1088))
         image = torch.rand(3, *size, generator=torch.Generator().manual_seed(0)) * 255
         with torch.no_grad():  # realistic statistics, so the RPN gives its full proposal count
@@ -52,11 +71,20 @@ def main(argv=None) -> int:
         parts = [prefix + "stem"] + [prefix + s for s in body.stage_names]
         if body is not model.backbone:
             parts += ["backbone.lateral_convs", "backbone.output_convs"]
-        parts += ["rpn", "roi_heads"]
-        rows = part_table(model, size, parts=parts, macs_only=not args.all_ops,
-                          inputs=([image],))
-        print(format_table(rows, f"{args.config} at {size[0]}x{size[1]} "
-                                 f"(RoI heads on {cfg.MODEL.RPN.POST_NMS_TOPK_TEST} proposals)"))
+        # the heads: every other top-level part (rpn and roi_heads; RetinaNet's head;
+        # Panoptic FPN's sem_seg_head too)
+        parts += [name for name, child in model.named_children()
+                  if name not in ("backbone", "preprocessor")
+                  and any(True for _ in child.parameters())]
+        # traced through its float outputs only (a panoptic map's segment ids and its
+        # segments_info are not functions of the input that a tracer can follow)
+        rows = part_table(_FloatOutputs(model), size, parts=["model." + p for p in parts],
+                          macs_only=not args.all_ops, inputs=([image],))
+        rows = [(name[len("model."):] if name.startswith("model.") else name, p, f)
+                for name, p, f in rows]
+        note = (f" (RoI heads on {cfg.MODEL.RPN.POST_NMS_TOPK_TEST} proposals)"
+                if hasattr(model, "roi_heads") else "")
+        print(format_table(rows, f"{args.config} at {size[0]}x{size[1]}{note}"))
         return 0
     if not args.name:
         parser.error("give a backbone name or --config")

@@ -1,7 +1,10 @@
-"""Convert a torchvision or detectron2 Faster R-CNN checkpoint into ours.
+"""Convert a torchvision or detectron2 checkpoint of any model family into ours.
 
     python tools/convert_weights.py --config configs/detectron2/faster_rcnn_R_50_FPN_3x.yaml \
         --weights model_final_280758.pkl --output r50_fpn_3x.pth
+
+The config's family (``MODEL.META_ARCHITECTURE``: Faster and Mask R-CNN, RetinaNet, Panoptic
+FPN, semantic segmentation) builds the model and reads the checkpoint, every key used.
 
 The output is ``{"model": state_dict, "config": <YAML>, "metadata": {...}}``, written
 atomically; ``detection.modeling.predictor.load_model(config, output)`` reads it.
@@ -17,10 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detection.modeling.build import build_model  # noqa: E402
-from detection.modeling.convert import load_state_dict, to_ours  # noqa: E402
-from detection.modeling.predictor import get_model_cfg, read_weights  # noqa: E402
+from detection.families import get_family  # noqa: E402
 from detection.modeling.zoo import get_detector_weights, list_detector_weights  # noqa: E402
+from segmentation.config import load_config  # noqa: E402  (the full tree; registers families)
 
 
 def main(argv=None) -> int:
@@ -34,13 +36,13 @@ def main(argv=None) -> int:
         if args.weights not in list_detector_weights():
             parser.error("--config is needed unless --weights is a zoo name")
         config = get_detector_weights(args.weights).config_path
-    cfg = get_model_cfg(config)
-    cfg.MODEL.BACKBONE.WEIGHTS = ""
-    model = build_model(cfg)
-    state = to_ours(read_weights(args.weights))
-    load_state_dict(model, state)  # every key must fit
+    cfg = load_config(config, ["MODEL.BACKBONE.WEIGHTS", ""])
+    family = get_family(cfg)
+    model = family.build(cfg)
+    family.load_weights(model, args.weights)  # converted; every key must fit
+    metadata = getattr(model, "metadata", None)
     out = {"model": model.state_dict(), "config": cfg.dump(),
-           "metadata": model.metadata.to_dict()}
+           "metadata": metadata.to_dict() if metadata is not None else {}}
     dst = Path(args.output)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dst.parent, suffix=".partial")
@@ -51,7 +53,9 @@ def main(argv=None) -> int:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    print(f"wrote {dst}: {len(out['model'])} tensors, {model.num_classes} classes")
+    classes = getattr(model, "num_classes", None)
+    print(f"wrote {dst}: {len(out['model'])} tensors"
+          + (f", {classes} classes" if classes is not None else ""))
     return 0
 
 

@@ -69,3 +69,23 @@ def test_load_model_reloads_our_checkpoint_of_each_family(config, opts, tmp_path
     assert set(want) == set(got)
     for k, v in want.items():
         torch.testing.assert_close(got[k], v, msg=k)
+
+
+@pytest.mark.parametrize("config, head", [("retinanet_r18_fpn_shapes.yaml", "head"),
+                                          ("panoptic_fpn_r18_shapes.yaml", "sem_seg_head")])
+def test_analyze_model_counts_every_family(config, head, capsys):
+    """``tools/analyze_model.py --config`` builds the config's family (not only Faster
+    R-CNN) and counts each top-level part; the parts add up to the total."""
+    import runpy
+    from pathlib import Path
+
+    tool = runpy.run_path(str(Path(__file__).resolve().parents[2] / "tools" /
+                              "analyze_model.py"))
+    assert tool["main"](["--config", config, "--size", "96", "128"]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines()[2:]:
+        name, params, gflops = line.split()
+        rows[name] = (int(params.replace(",", "")), float(gflops))
+    assert rows[head][0] > 0 and rows[head][1] > 0
+    parts = sum(v[1] for k, v in rows.items() if k != "total")
+    assert 0.97 * rows["total"][1] <= parts <= rows["total"][1] + 1e-3
