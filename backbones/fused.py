@@ -70,13 +70,12 @@ class FusedConv2d(nn.Module):
         return True
 
     def _winograd_pays(self, x: Tensor) -> bool:
-        # Measured here: one image of at least about 40 tiles of 4x4 (13x17 was as fast
-        # direct); on batches of small maps (the mask head's 100 RoIs of 14x14) oneDNN's
-        # direct conv runs at its best rate and Winograd was not faster.
+        # Measured here: maps of at least about 40 tiles of 4x4 each (13x17 was as fast
+        # direct; so were batches of small maps, the mask head's 100 RoIs of 14x14, where
+        # oneDNN's direct conv runs at its best rate).
         return (self.weight_winograd is not None and x.dtype == torch.float32
                 and self.weight.dtype == self.weight_winograd.dtype == torch.float32
-                and x.dim() == 4 and x.shape[0] == 1
-                and ((x.shape[2] + 3) // 4) * ((x.shape[3] + 3) // 4) >= 40
+                and x.dim() == 4 and ((x.shape[2] + 3) // 4) * ((x.shape[3] + 3) // 4) >= 40
                 and not torch.jit.is_scripting() and not torch.jit.is_tracing())
 
     def forward(self, x: Tensor, other: Optional[Tensor] = None) -> Tensor:

@@ -83,11 +83,12 @@ def test_fused_conv_runs_winograd_where_it_pays(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert calls == [x.shape]
         fused(torch.randn(1, 32, 20, 24))  # 5 x 6 tiles: too few, direct
-        fused(torch.randn(2, 32, 40, 52))  # a batch: direct
-    assert len(calls) == 1
+        fused(torch.randn(8, 32, 14, 14))  # a batch of small maps (RoIs): direct
+        fused(torch.randn(2, 32, 40, 52))  # a batch of images: Winograd
+    assert calls == [x.shape, (2, 32, 40, 52)]
     # the transformed weight is not part of the state dict
     assert not any("winograd" in k for k in fused.state_dict())
     # under autograd the plain conv runs, so gradients flow
     x.requires_grad_(True)
     fused(x).sum().backward()
-    assert x.grad is not None and len(calls) == 1
+    assert x.grad is not None and len(calls) == 2
