@@ -63,8 +63,8 @@ class FusedConv2d(nn.Module):
     def use_winograd(self, min_channels: int) -> bool:
         """Run this conv as Winograd F(4x4, 3x3) on CPU float32 inputs from now on, where
         it is a 3x3 stride-1 conv of at least ``min_channels`` channels (``backbones.winograd``).
-        Returns whether it will."""
-        if not winograd_supported(self, min_channels):
+        Returns whether it will (not for weights on another device: it is a CPU path)."""
+        if self.weight.device.type != "cpu" or not winograd_supported(self, min_channels):
             return False
         self.weight_winograd = transform_weight(self.weight)
         return True
