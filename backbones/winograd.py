@@ -5,14 +5,16 @@ A 3x3 stride-1 convolution computes each 4x4 output tile from a 6x6 input tile w
 channel-mixing work (36 batched matrix products of tiles x C_in by C_in x C_out) is 4x
 smaller than the direct convolution's. The transforms are small dense products on top
 (``kron(B^T, B^T)`` of 36x36 on the input tiles, ``kron(A^T, A^T)`` of 16x36 on the
-products), done chunk by chunk so that each chunk's tiles stay in cache.
+products), done chunk by chunk of tiles, so that a chunk's transformed tiles are still in
+the cache when its products read them.
 
 Measured on this project's 2-core CPU against oneDNN's direct convolution (channels-last,
 float32), 256 -> 256 channels: 0.6-0.8x the time at FPN sizes from 200x272 to 25x34; 512 ->
-512 at 25x34: about 0.6x; at 128 channels or fewer it is not faster, so it is used from 256
-input and output channels on. The round-off is larger than the direct convolution's (about
-4x here, 5e-5 against 1.5e-5 on outputs of unit scale), still float32 round-off: detections
-agree with the direct model to the parity tests' tolerances.
+512 at 25x34: about 0.6x; at 128 channels it came out between 0.8x and 1.2x from run to
+run, at 64 channels 1.6-2.5x, so it is used from 256 input and output channels on
+(``python benchmarks/bench_winograd.py``). The round-off is larger than the direct
+convolution's (about 4x here, 5e-5 against 1.5e-5 on outputs of unit scale), still float32
+round-off: detections agree with the direct model to the parity tests' tolerances.
 
 Only float32: in bf16 the transforms' coefficients (up to 8 and 25 in the products) cost
 more precision than bf16 has.
@@ -30,8 +32,8 @@ _G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
       (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
 _AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
 
-# Tiles per chunk: about 1-4 MB of transformed input at 256 channels. Chosen by timing
-# 256-channel convs at 200x272 and 100x136 here (see benchmarks/bench_winograd.py).
+# Tiles per chunk (9 MB of transformed input at 256 channels). Chosen by timing chunks of
+# 128-1088 tiles at FPN sizes here: `python benchmarks/bench_winograd.py`.
 CHUNK_TILES = 256
 MIN_CHANNELS = 256
 
@@ -100,7 +102,7 @@ def winograd_conv3x3(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None,
         chunks = [(i, min(i + images, n), 0, th) for i in range(0, n, images)]
     for i0, i1, r0, r in chunks:
         m = i1 - i0
-        tiles = xp[i0:i1, 4 * r0:].as_strided(
+        tiles = xp.as_strided(  # (6, 6) tile elements of every tile in the chunk
             (6, 6, m, r, tw, c), (sh, sw, sn, 4 * sh, 4 * sw, sc),
             xp.storage_offset() + i0 * sn + 4 * r0 * sh)
         v = torch.mm(kb, tiles.reshape(36, -1)).view(36, m * r * tw, c)
