@@ -79,7 +79,7 @@ class FusedConv2d(nn.Module):
                 and not torch.jit.is_scripting() and not torch.jit.is_tracing())
 
     def forward(self, x: Tensor, other: Optional[Tensor] = None) -> Tensor:
-        if self.weight_winograd is not None and _use_fused(x) and self._winograd_pays(x):
+        if self._winograd_pays(x) and _use_fused(x):
             return winograd_conv3x3(x, self.weight_winograd, self.bias, self.relu, other)
         # float32, and bf16 (a bf16 backbone: measured 1.7x faster than conv, add, ReLU)
         if _use_fused(x, (torch.float32, torch.bfloat16)) and self.weight.dtype == x.dtype:

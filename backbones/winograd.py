@@ -55,14 +55,12 @@ def transform_weight(weight: Tensor) -> Tensor:
     return u.reshape(36, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
 
 
-_KRON = {}
+def _kron(m) -> Tensor:
+    t = torch.tensor(m, dtype=torch.float64)
+    return torch.kron(t, t).to(torch.float32)
 
 
-def _kron(which: str) -> Tensor:
-    if which not in _KRON:
-        m = torch.tensor(_BT if which == "B" else _AT, dtype=torch.float64)
-        _KRON[which] = torch.kron(m, m).to(torch.float32)
-    return _KRON[which]
+_KB, _KA = _kron(_BT), _kron(_AT)  # (36, 36) on input tiles, (16, 36) on products
 
 
 def winograd_conv3x3(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None,
@@ -90,7 +88,6 @@ def winograd_conv3x3(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None,
     out = torch.empty((n, h, w, c_out), dtype=x.dtype)
     if other is not None:
         other = other.permute(0, 2, 3, 1)
-    kb, ka = _kron("B"), _kron("A")
     # chunks: rows of tiles of one image, or whole images of few tiles
     per_image = th * tw
     if per_image >= chunk_tiles:
@@ -105,9 +102,9 @@ def winograd_conv3x3(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None,
         tiles = xp.as_strided(  # (6, 6) tile elements of every tile in the chunk
             (6, 6, m, r, tw, c), (sh, sw, sn, 4 * sh, 4 * sw, sc),
             xp.storage_offset() + i0 * sn + 4 * r0 * sh)
-        v = torch.mm(kb, tiles.reshape(36, -1)).view(36, m * r * tw, c)
+        v = torch.mm(_KB, tiles.reshape(36, -1)).view(36, m * r * tw, c)
         prod = torch.bmm(v, weight_t)
-        y = torch.mm(ka, prod.view(36, -1)).view(4, 4, m, r, tw, c_out)
+        y = torch.mm(_KA, prod.view(36, -1)).view(4, 4, m, r, tw, c_out)
         y = y.permute(2, 3, 0, 4, 1, 5)  # (m, r, 4, tw, 4, C_out)
         rows_out = min(4 * r, h - 4 * r0)
         dst = out[i0:i1, 4 * r0:4 * r0 + rows_out]

@@ -31,7 +31,6 @@ class _FloatOutputs(nn.Module):
         out = []
         for result in self.model(images):
             for value in result.values():
-                value = value[0] if isinstance(value, tuple) else value
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
                     out.append(value)
         return tuple(out)
