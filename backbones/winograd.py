@@ -4,13 +4,14 @@ A 3x3 stride-1 convolution computes each 4x4 output tile from a 6x6 input tile w
 36 element-wise products in the transformed domain instead of 144 multiply-adds, so the
 channel-mixing work (36 batched matrix products of tiles x C_in by C_in x C_out) is 4x
 smaller than the direct convolution's. The transforms are small dense products on top
-(``kron(B^T, B^T)`` of 36x36 on the input tiles, ``kron(A^T, A^T)`` of 16x36 on the
-products), done chunk by chunk of tiles, so that a chunk's transformed tiles are still in
-the cache when its products read them.
+(``B^T`` of 6x6 along the input tiles' rows, then along their columns; ``kron(A^T, A^T)``
+of 16x36 on the products), done chunk by chunk of tiles, each chunk's band of input rows
+padded in its own buffer, so that a chunk's data are still in the cache when the next step
+reads them.
 
 Measured on this project's 2-core CPU against oneDNN's direct convolution (channels-last,
-float32), 256 -> 256 channels: 0.6-0.8x the time at FPN sizes from 200x272 to 25x34; 512 ->
-512 at 25x34: about 0.6x; at 128 channels it came out between 0.8x and 1.2x from run to
+float32), 256 -> 256 channels: 0.55-0.75x the time at FPN sizes from 200x272 to 25x34; 512
+-> 512 at 25x34: about 0.6x; at 128 channels it came out between 0.8x and 1.2x from run to
 run, at 64 channels 1.6-2.5x, so it is used from 256 input and output channels on
 (``python benchmarks/bench_winograd.py``). The round-off is larger than the direct
 convolution's (about 4x here, 5e-5 against 1.5e-5 on outputs of unit scale), still float32
@@ -60,7 +61,8 @@ def _kron(m) -> Tensor:
     return torch.kron(t, t).to(torch.float32)
 
 
-_KB, _KA = _kron(_BT), _kron(_AT)  # (36, 36) on input tiles, (16, 36) on products
+_BT_F32 = torch.tensor(_BT, dtype=torch.float32)  # on input tiles, along rows then columns
+_KA = _kron(_AT)  # (16, 36) on products
 
 
 def winograd_conv3x3(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None,
@@ -75,16 +77,8 @@ def winograd_conv3x3(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None,
         raise ValueError(f"input has {c} channels, the weight {weight_t.shape[1]}")
     c_out = weight_t.shape[2]
     th, tw = (h + 3) // 4, (w + 3) // 4
-    hp, wp = 4 * th + 2, 4 * tw + 2
-    # (N, Hp, Wp, C) zero-padded: one pixel before, the rest of the last tile after; only
-    # the border is zeroed (F.pad fills the whole buffer first)
-    xp = x.new_empty((n, hp, wp, c))
-    xp[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
-    xp[:, 0].zero_()
-    xp[:, h + 1:].zero_()
-    xp[:, 1:h + 1, 0].zero_()
-    xp[:, 1:h + 1, w + 1:].zero_()
-    sn, sh, sw, sc = xp.stride()
+    wp = 4 * tw + 2
+    x = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view of a channels-last input
     out = torch.empty((n, h, w, c_out), dtype=x.dtype)
     if other is not None:
         other = other.permute(0, 2, 3, 1)
@@ -97,12 +91,30 @@ def winograd_conv3x3(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None,
     else:
         images = max(1, chunk_tiles // per_image)
         chunks = [(i, min(i + images, n), 0, th) for i in range(0, n, images)]
+    bt = _BT_F32.expand(6, 6, 6)
+    band = x.new_empty(0)
     for i0, i1, r0, r in chunks:
         m = i1 - i0
-        tiles = xp.as_strided(  # (6, 6) tile elements of every tile in the chunk
-            (6, 6, m, r, tw, c), (sh, sw, sn, 4 * sh, 4 * sw, sc),
-            xp.storage_offset() + i0 * sn + 4 * r0 * sh)
-        v = torch.mm(_KB, tiles.reshape(36, -1)).view(36, m * r * tw, c)
+        # the chunk's rows of the zero-padded input (one pixel before, the rest of the last
+        # tile after), copied into a band that stays in the cache (a padded copy of the whole
+        # map went through memory: 10-15% slower at 200x272)
+        band_rows = 4 * r + 2
+        if band.shape[:2] != (m, band_rows):
+            band = x.new_empty((m, band_rows, wp, c))
+            band[:, :, 0].zero_()
+            band[:, :, w + 1:].zero_()
+        top = 4 * r0 - 1  # the image row of the band's first row
+        y0, y1 = max(top, 0), min(top + band_rows, h)
+        band[:, :y0 - top, 1:w + 1].zero_()
+        band[:, y0 - top:y1 - top, 1:w + 1].copy_(x[i0:i1, y0:y1])
+        band[:, y1 - top:, 1:w + 1].zero_()
+        sn, sh, sw, sc = band.stride()
+        tiles = band.as_strided(  # (6, 6) tile elements of every tile in the chunk
+            (6, 6, m, r, tw, c), (sh, sw, sn, 4 * sh, 4 * sw, sc)).reshape(6, -1)
+        # B^T d B in two passes of 6x6 products (a third of kron(B^T, B^T)'s work; measured
+        # 0.7x its time)
+        rows_done = torch.mm(_BT_F32, tiles).view(6, 6, -1)
+        v = torch.bmm(bt, rows_done).view(36, m * r * tw, c)
         prod = torch.bmm(v, weight_t)
         y = torch.mm(_KA, prod.view(36, -1)).view(4, 4, m, r, tw, c_out)
         y = y.permute(2, 3, 0, 4, 1, 5)  # (m, r, 4, tw, 4, C_out)
