@@ -6,7 +6,8 @@
 
 Layout: ``base`` (the Backbone contract), ``registry`` (backbones by name), ``archs`` (the
 ResNet table), ``stems`` and ``blocks`` (ResNet parts), ``resnet`` (the model and its
-builders), ``fpn``, ``norm``, ``inference`` (folding) and ``fused`` (oneDNN post-ops),
+builders), ``fpn``, ``norm``, ``inference`` (folding), ``fused`` (oneDNN post-ops) and
+``winograd`` (its 3x3 convolutions), ``cpu_memory`` (glibc's heap for inference processes),
 ``convert`` (other projects' names), ``weights/`` (registry, download, reading, loading),
 ``adapters`` (torchvision) and ``integrations/`` (detectron2).
 """
@@ -14,6 +15,7 @@ builders), ``fpn``, ``norm``, ``inference`` (folding) and ``fused`` (oneDNN post
 from .archs import ARCHS, ResNetArch, arch_for_depth
 from .base import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, Backbone
 from .blocks import BasicBlock, Bottleneck, make_stage
+from .cpu_memory import retain_freed_memory
 from .fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from .inference import fold_conv_norm, fold_frozen_batchnorm, prepare_for_inference
 from .norm import freeze_batchnorm, get_norm
@@ -77,6 +79,7 @@ __all__ = [
     "prepare_for_inference",
     "read_checkpoint",
     "register_backbone",
+    "retain_freed_memory",
     "resnet101",
     "resnet152",
     "resnet18",

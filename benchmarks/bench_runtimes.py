@@ -3,6 +3,7 @@ torchvision eager, torchvision's model exported to ONNX Runtime and OpenVINO, an
 torch (fp32, bf16), ONNX Runtime and OpenVINO (fp32, bf16).
 
     python benchmarks/bench_runtimes.py [--model faster|mask] [--runs 5] [--threads 2]
+                                        [--heap both|default|retain]
 
 Weights: torchvision's R50-FPN with random weights, calibrated BatchNorm statistics and heads
 lively enough that detections pass the 0.05 score threshold (at threshold 0 NMS over ~90k
@@ -11,6 +12,11 @@ run round-robin, one call each per round, and the table gives the median seconds
 to torchvision eager, CPU time over wall time, and each row's agreement with torchvision
 eager: the share of its detections reproduced with the same label, IoU > 0.99 and score within
 1e-3 ("strict"), and with IoU > 0.95 and score within 0.02 (the bf16 bar).
+
+``--heap both`` (the default) times every row twice in the same process: first with glibc's
+malloc as it comes (a fresh mmap, page-faulted again, for every tensor above 32 MB), then with
+``backbones.cpu_memory.retain_freed_memory()`` in effect, as the inference tools run. The
+setting is the process's, so it applies to every row, torchvision's included.
 """
 
 import argparse
@@ -30,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_faster_rcnn import image, lively_reference  # noqa: E402
 from common import timing_args  # noqa: E402
 
+from backbones.cpu_memory import retain_freed_memory  # noqa: E402
 from detection.deploy import export_model, load_exported  # noqa: E402
 from detection.deploy.agreement import compare_detections  # noqa: E402
 from detection.deploy.runtimes import require  # noqa: E402
@@ -112,6 +119,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("faster", "mask"), default="faster")
     parser.add_argument("--skip", nargs="*", default=[], help="row names to leave out")
+    parser.add_argument("--heap", choices=("both", "default", "retain"), default="both",
+                        help="glibc malloc as it comes, with freed memory retained, or both")
     args = timing_args(parser)
     torch.manual_seed(0)
     img = image()
@@ -148,33 +157,51 @@ def main() -> None:
     calls = {}
     for name, (model, is_ref) in rows.items():
         calls[name] = model if is_ref else (lambda m=model: m([img]))
+    modes = ["default", "retain"] if args.heap == "both" else [args.heap]
+    times = {}
     with torch.inference_mode():
         expected = ref([img / 255])[0]
         outputs = {name: fn()[0] for name, fn in calls.items()}  # also the warm-up
-        wall = {name: [] for name in calls}
-        cpu = {name: [] for name in calls}
-        for _ in range(args.runs):
-            for name, fn in calls.items():
-                c0, t0 = time.process_time(), time.perf_counter()
-                fn()
-                wall[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
-    t_ref = statistics.median(wall["torchvision eager"])
+        for mode in modes:
+            if mode == "retain":
+                if not retain_freed_memory():
+                    print("retain_freed_memory() has no effect here (not glibc): skipped")
+                    continue
+                for fn in calls.values():  # the heap grows to its peak once
+                    fn()
+            times[mode] = time_rows(calls, args.runs)
     print(f"\n{args.model} R-CNN R50-FPN, 800x1067, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.runs} round-robin runs; "
           f"torchvision eager finds {expected['boxes'].shape[0]} detections\n")
-    print("| runtime | median s | ratio | CPU/wall | agreement strict | agreement bf16 bar |")
-    print("|---|---|---|---|---|---|")
+    heads = {"default": "glibc malloc as it comes", "retain": "freed memory retained"}
+    print("| runtime | " + " | ".join(f"median s ({heads[m]}) | ratio | CPU/wall"
+                                      for m in times) + " | agreement strict | "
+          "agreement bf16 bar |")
+    print("|---|" + "---|---|---|" * len(times) + "---|---|")
     for name in calls:
-        t = statistics.median(wall[name])
-        ratio_cpu = statistics.median(c / w for c, w in zip(cpu[name], wall[name]))
+        cells = []
+        for wall, cpu in times.values():
+            t, t_ref = statistics.median(wall[name]), statistics.median(wall["torchvision eager"])
+            ratio_cpu = statistics.median(c / w for c, w in zip(cpu[name], wall[name]))
+            cells.append(f"{t:.3f} | {t / t_ref:.2f} | {ratio_cpu:.2f}")
         offset = 0 if name.startswith("torchvision") else 1
         strict = compare_detections(expected, outputs[name], label_offset=offset)
         loose = compare_detections(expected, outputs[name], label_offset=offset, iou=0.95,
                                    score_tol=0.02)
-        print(f"| {name} | {t:.3f} | {t / t_ref:.2f} | {ratio_cpu:.2f} | "
-              f"{strict.fraction:.1%} | {loose.fraction:.1%} |")
+        print(f"| {name} | {' | '.join(cells)} | {strict.fraction:.1%} | {loose.fraction:.1%} |")
 
+
+def time_rows(calls, runs):
+    """(wall, cpu): per row name, the seconds of each of ``runs`` round-robin rounds."""
+    wall = {name: [] for name in calls}
+    cpu = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, fn in calls.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu
 
 if __name__ == "__main__":
     main()

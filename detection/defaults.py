@@ -122,6 +122,10 @@ def detection_defaults() -> CfgNode:
     # "fp32" or "bf16" (convolutions in bf16; boxes, scores and NMS in float32).
     _C.TEST.RUNTIME = "torch"
     _C.TEST.PRECISION = "fp32"
+    # The inference tools (demo, --eval-only, submission) on a CPU set glibc's malloc to keep
+    # freed memory for reuse (backbones.cpu_memory): large feature maps are not page-faulted
+    # in again on every call. The process keeps its peak memory until it exits.
+    _C.TEST.RETAIN_FREED_MEMORY = True
 
     _C.OUTPUT_DIR = "./output"
     # Seeds the sampler's shuffles and per-sample augmentation; a negative value means

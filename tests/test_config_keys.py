@@ -147,6 +147,7 @@ def keys_read(shapes, tmp_path_factory):
             assert results, name  # trained, checkpointed, evaluated
             if name == "faster_rcnn_fpn":  # --eval-only's loading (TEST.RUNTIME, PRECISION)
                 cfg.MODEL.WEIGHTS = str(out / "model_final.pth")
+                cfg.TEST.RETAIN_FREED_MEMORY = False  # a process setting: not in the tests'
                 assert isinstance(load_for_evaluation(cfg), torch.nn.Module)
     finally:
         torch.set_num_threads(before)

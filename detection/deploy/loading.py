@@ -1,8 +1,11 @@
 """What the inference tools (demo, evaluation, submission) load: a model in the runtime and
 precision that the command line or the config's ``TEST.RUNTIME`` / ``TEST.PRECISION`` name."""
 
+import logging
 from pathlib import Path
 from typing import Any, Optional, Tuple
+
+logger = logging.getLogger(__name__)
 
 
 def add_runtime_arguments(parser: Any, when: str = "") -> None:
@@ -16,6 +19,22 @@ def add_runtime_arguments(parser: Any, when: str = "") -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help=f"{when}fp32 or bf16 (default: the config's TEST.PRECISION, "
                              "fp32)")
+
+
+def retain_memory_for_inference(cfg: Optional[Any]) -> bool:
+    """``backbones.cpu_memory.retain_freed_memory()`` for an inference tool's process on a
+    CPU, unless the config's ``TEST.RETAIN_FREED_MEMORY`` is off (an export directory has no
+    config: on). Returns whether it is in effect; says so in the log."""
+    from backbones.cpu_memory import retain_freed_memory
+
+    if cfg is not None and (not cfg.TEST.RETAIN_FREED_MEMORY
+                            or not str(cfg.MODEL.DEVICE).startswith("cpu")):
+        return False
+    done = retain_freed_memory()
+    if done:
+        logger.info("CPU memory: glibc's malloc keeps freed memory for reuse "
+                    "(TEST.RETAIN_FREED_MEMORY; backbones/cpu_memory.py)")
+    return done
 
 
 def is_export_dir(path: str) -> bool:
@@ -35,9 +54,11 @@ def load_for_inference(config: Optional[str], weights: str, *, runtime: Optional
     from detection.modeling.predictor import load_model
 
     if is_export_dir(weights):
+        retain_memory_for_inference(None)
         return load_model(weights, runtime=runtime or "torch",
                           precision=precision or "fp32"), None
     cfg = inference_config(config, weights, cfg=cfg)
+    retain_memory_for_inference(cfg)
     model = load_model(cfg, weights, runtime=runtime or cfg.TEST.RUNTIME,
                        precision=precision or cfg.TEST.PRECISION)
     return model, cfg
@@ -51,6 +72,7 @@ def load_for_evaluation(cfg: Any) -> Any:
     from detection.modeling.predictor import load_model
 
     runtime, precision = cfg.TEST.RUNTIME, cfg.TEST.PRECISION
+    retain_memory_for_inference(cfg)
     if runtime == "torch" and precision == "fp32":
         model = build_model_from_cfg(cfg)
         load_weights(model, cfg.MODEL.WEIGHTS)

@@ -410,6 +410,7 @@ def test_learns_shapes_and_runs_through_the_tools(shapes, tmp_path):
 
     cfg = load_config("retinanet_r18_fpn_shapes.yaml", _opts(train_set, tmp_path / "ev", 1))
     cfg.MODEL.WEIGHTS = weights
+    cfg.TEST.RETAIN_FREED_MEMORY = False  # a process setting (test_cpu_memory.py)
     evaluated = load_for_evaluation(cfg)  # what --eval-only runs
     assert isinstance(evaluated, RetinaNet)
     assert torch.equal(evaluated.head.cls_score.weight, model.head.cls_score.weight)
