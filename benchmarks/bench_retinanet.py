@@ -2,15 +2,18 @@
 weights (random, with calibrated BatchNorm statistics and a lively classification head, so
 that hundreds of scores pass 0.05), same process, one 800x1067 image, timed round-robin.
 
-    python benchmarks/bench_retinanet.py [--runs 5] [--threads 2]
+    python benchmarks/bench_retinanet.py [--runs 5] [--threads 2] [--retain-freed-memory]
 
 Prints median seconds, the ratio ours / torchvision, and the share of torchvision's
 detections that ours reproduces (same label, IoU > 0.99, score within 1e-3), for our plain
 model, for the inference-optimized one (BatchNorm folded, channels_last, fused ReLUs,
 Winograd 3x3 convs), the same without Winograd ("opt. direct"), and bf16 (backbone in bf16,
-head in float32; its agreement is not expected of random weights).
+head in float32; its agreement is not expected of random weights). ``--retain-freed-memory``
+times with ``backbones.cpu_memory.retain_freed_memory()`` in effect (the process's heap, so
+torchvision's model too), as the inference tools run.
 """
 
+import argparse
 import statistics
 import sys
 import time
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import converted, timing_args  # noqa: E402
 from torchvision.models.detection import retinanet_resnet50_fpn  # noqa: E402
 
+from backbones.cpu_memory import retain_freed_memory  # noqa: E402
 from detection.deploy.agreement import compare_detections  # noqa: E402
 from detection.modeling.calibration import calibrate_batchnorm, textured_image  # noqa: E402
 from detection.modeling.retinanet_convert import to_ours  # noqa: E402
@@ -70,7 +74,11 @@ def ours_from(ref: torch.nn.Module) -> torch.nn.Module:
 
 
 def main() -> None:
-    args = timing_args()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--retain-freed-memory", action="store_true")
+    args = timing_args(parser)
+    if args.retain_freed_memory and not retain_freed_memory():
+        print("retain_freed_memory() has no effect here (not glibc)")
     img = textured_image(800, 1067, generator=torch.Generator().manual_seed(0))
     ref = lively_reference(img)
     plain = ours_from(ref)
@@ -86,8 +94,9 @@ def main() -> None:
         fns.update({name: (lambda m=m: m([img])) for name, m in rows.items()})
         times = median_times(fns, args.runs)
         t_ref = times.pop("torchvision")
+    heap = "freed memory retained" if args.retain_freed_memory else "glibc malloc as it comes"
     print(f"RetinaNet R50-FPN inference, 800x1067, {torch.get_num_threads()} threads, median of "
-          f"{args.runs}; torchvision returns {expected['boxes'].shape[0]} detections")
+          f"{args.runs}, {heap}; torchvision returns {expected['boxes'].shape[0]} detections")
     print(f"  torchvision       {t_ref:.3f} s   ratio 1.000")
     for name, t in times.items():
         agreement = compare_detections(expected, got[name], label_offset=1)
