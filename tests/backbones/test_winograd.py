@@ -21,7 +21,9 @@ def _reference(x, w, b, relu, other):
 @pytest.mark.parametrize("shape,chunk", [
     ((1, 24, 37, 29), 8),      # one image, chunks of rows, partial last tile row and column
     ((1, 24, 16, 20), 1000),   # one chunk, exact tiles
-    ((5, 16, 9, 6), 7),        # batches of whole images, the last batch short
+    ((1, 24, 37, 29), 24),     # chunks of 3 tile rows, the last of 1 (a smaller band)
+    ((5, 16, 9, 6), 7),        # whole images, one per chunk
+    ((5, 16, 9, 6), 13),       # batches of 2 whole images, the last batch short
     ((3, 16, 4, 4), 2),        # one tile per image
 ])
 @pytest.mark.parametrize("relu,add,bias", [(True, False, True), (False, True, True),
