@@ -403,7 +403,7 @@ def test_learns_shapes_and_runs_through_the_tools(shapes, tmp_path):
                                        _opts(train_set, tmp_path / "run", ITERS)))
     ap, ap0 = results["bbox"]["AP"], untrained["bbox"]["AP"]
     print(f"box AP on the training images: {ap:.1f} after {ITERS} iterations, {ap0:.1f} untrained")
-    assert ap > 8 and ap > ap0 + 5  # measured: 15.4 against 0.0
+    assert ap > 8 and ap > ap0 + 5  # measured: 26.3 against 0.0 (15.4 at focal gamma 2.0)
     weights = str(tmp_path / "run" / "model_final.pth")
     saved = load_checkpoint(weights)["extra"]["retinanet_foreground"]
     assert saved["value"] == model.foreground.value != 100.0  # the trainer registered it
