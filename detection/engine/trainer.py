@@ -91,11 +91,24 @@ def batch_to_device(batch: List[dict], device: torch.device):
     return images, targets
 
 
+def amp_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of mixed-precision training on ``device``: float16 on CUDA (with a
+    GradScaler), bf16 on a CPU that computes it natively (no scaler: bf16 has float32's
+    range); None where autocast would not pay (a CPU without bf16 units emulates it)."""
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() \
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 class Trainer:
     """Runs iterations ``start_iter .. max_iter - 1`` of SGD/AdamW on a detector.
 
     A non-finite loss raises ``FloatingPointError`` naming the iteration and every loss,
     before the optimizer step and before any checkpoint, so the last checkpoint stays good.
+    ``amp``: autocast in float16 on CUDA, in bf16 on a CPU with native bf16 (``amp_dtype``).
     ``grad_scaler``: the AMP scaler to use (default: a CUDA one when ``amp`` and the model is
     on CUDA); its state is saved in checkpoints and restored on resume.
     """
@@ -116,11 +129,16 @@ class Trainer:
         self.evaluate_fn, self.writer, self.log_period = evaluate_fn, writer, log_period
         self.clip_grad = clip_grad
         self.device = next(model.parameters()).device
-        self.amp = amp and self.device.type == "cuda"
+        self.amp_dtype = amp_dtype(self.device) if amp else None
+        self.amp = self.amp_dtype is not None
         if amp and not self.amp:
-            logger.warning("SOLVER.AMP.ENABLED is ignored on %s: float16 autocast needs CUDA; "
-                           "training in float32", self.device.type)
-        if grad_scaler is None and self.amp:
+            logger.warning("SOLVER.AMP.ENABLED is ignored on %s: autocast needs CUDA (float16) "
+                           "or a CPU with native bf16 (avx512_bf16 or AMX); training in float32",
+                           self.device.type)
+        if amp and self.amp_dtype == torch.bfloat16:
+            logger.info("SOLVER.AMP.ENABLED on CPU: convolutions and matrix products in bf16 "
+                        "(torch.autocast), parameters, optimizer and losses in float32")
+        if grad_scaler is None and self.amp_dtype == torch.float16:
             grad_scaler = torch.amp.GradScaler("cuda")
         self.scaler = grad_scaler
         if self.scaler is not None and checkpointer is not None:
@@ -146,7 +164,8 @@ class Trainer:
 
     def run_step(self, batch: List[dict]) -> Dict[str, float]:
         images, targets = batch_to_device(batch, self.device)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp
+                    else nullcontext())
         with autocast:
             losses = self.model(images, targets)
         total = sum(losses.values())

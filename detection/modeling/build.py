@@ -308,6 +308,7 @@ def build_retinanet(cfg: CfgNode) -> RetinaNet:
                  else Matcher(r.IOU_THRESHOLDS, allow_low_quality_matches=True)),
         focal_alpha=r.FOCAL_LOSS_ALPHA, focal_gamma=r.FOCAL_LOSS_GAMMA,
         box_loss=r.BBOX_REG_LOSS_TYPE, smooth_l1_beta=r.SMOOTH_L1_LOSS_BETA,
+        box_loss_weight=r.BBOX_REG_LOSS_WEIGHT,
         loss_normalizer=r.LOSS_NORMALIZER, score_thresh=r.SCORE_THRESH_TEST,
         topk_candidates=r.TOPK_CANDIDATES_TEST, nms_thresh=r.NMS_THRESH_TEST,
         detections_per_image=r.DETECTIONS_PER_IMAGE,

@@ -126,6 +126,8 @@ class RetinaNet(nn.Module):
         matcher: anchor matching (IoU 0.4 / 0.5 with low-quality matches).
         focal_alpha, focal_gamma: of the sigmoid focal loss.
         box_loss: "smooth_l1" (``smooth_l1_beta`` 0 is L1) or "giou" (on decoded boxes).
+        box_loss_weight: multiplies the box loss (1 in both peers' RetinaNet configs;
+            mmdetection's ATSS and GFL configs weigh their GIoU loss by 2).
         loss_normalizer: "ema" (detectron2: batch sums over a running mean, from 100 with
             momentum 0.9, of the batch's foreground anchors) or "per_image" (torchvision:
             each image's sums over its own foreground count, averaged over images).
@@ -139,7 +141,7 @@ class RetinaNet(nn.Module):
         self, *, preprocessor: Preprocessor, backbone: nn.Module, head: RetinaNetHead,
         anchor_generator: AnchorGenerator, in_features: Sequence[str], box_coder: BoxCoder,
         matcher: Union[Matcher, ATSSMatcher], focal_alpha: float = 0.25, focal_gamma: float = 2.0,
-        box_loss: str = "smooth_l1", smooth_l1_beta: float = 0.0,
+        box_loss: str = "smooth_l1", smooth_l1_beta: float = 0.0, box_loss_weight: float = 1.0,
         loss_normalizer: str = "ema", score_thresh: float = 0.05,
         topk_candidates: int = 1000, nms_thresh: float = 0.5, detections_per_image: int = 100,
         metadata: Optional[Metadata] = None,
@@ -160,6 +162,7 @@ class RetinaNet(nn.Module):
         self.box_coder, self.matcher = box_coder, matcher
         self.focal_alpha, self.focal_gamma = float(focal_alpha), float(focal_gamma)
         self.box_loss, self.smooth_l1_beta = box_loss, float(smooth_l1_beta)
+        self.box_loss_weight = float(box_loss_weight)
         self.loss_normalizer = loss_normalizer
         self.score_thresh, self.topk_candidates = float(score_thresh), int(topk_candidates)
         self.nms_thresh = float(nms_thresh)
@@ -224,7 +227,8 @@ class RetinaNet(nn.Module):
     def losses(self, anchors: List[Tensor], logits: List[Tensor], deltas: List[Tensor],
                targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         anchors_t = torch.cat(anchors)  # [P, 4]
-        logits_t, deltas_t = torch.cat(logits, 1), torch.cat(deltas, 1)  # [N, P, K], [N, P, 4]
+        # [N, P, K], [N, P, 4]; in float32 whatever the head ran in (bf16 autocast)
+        logits_t, deltas_t = torch.cat(logits, 1).float(), torch.cat(deltas, 1).float()
         gt_labels, gt_boxes = self.label_anchors(anchors_t, targets,
                                                  [a.shape[0] for a in anchors])
         n, k = len(targets), self.num_classes
@@ -246,7 +250,7 @@ class RetinaNet(nn.Module):
             target = self.box_coder.encode(gt_boxes[img_idx, anc_idx], anchors_t[anc_idx])
             box = F.smooth_l1_loss(pred, target, beta=self.smooth_l1_beta,
                                    reduction="none").sum(-1)
-        box_per_image = box.new_zeros(n).index_add(0, img_idx, box)  # [N]
+        box_per_image = box.new_zeros(n).index_add(0, img_idx, box) * self.box_loss_weight
 
         num_pos = pos.sum(1)  # [N]
         if self.loss_normalizer == "per_image":

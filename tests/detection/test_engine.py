@@ -137,6 +137,82 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(tiny_da
     assert not (tmp_path / "model_final.pth").exists()
 
 
+def test_amp_on_cpu_trains_in_bf16_autocast_with_float32_weights(tiny_data, tmp_path,
+                                                                  monkeypatch, caplog):
+    """SOLVER.AMP.ENABLED on a CPU: torch.autocast in bf16 (no GradScaler), so the convs
+    run in bf16 while parameters, gradients and the losses stay float32; on a CPU without
+    native bf16 it is ignored with a warning."""
+    import copy
+
+    from detection.data.build import build_train_loader
+    from detection.engine import trainer as trainer_module
+    from detection.engine.trainer import Trainer
+
+    cfg = tiny_cfg(tiny_data, tmp_path)
+    runner.attach_dataset_metadata(cfg)
+    torch.manual_seed(0)
+    model = runner.build_model_from_cfg(cfg)
+    batch = next(iter(build_train_loader(cfg)))
+
+    def step(amp):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+        t = Trainer(model=m, optimizer=opt, scheduler=build_lr_scheduler(cfg, opt),
+                    data_loader=[], checkpointer=None, max_iter=1, progress=False, amp=amp)
+        dtypes = []
+        first_conv = next(x for x in m.modules() if isinstance(x, torch.nn.Conv2d))
+        first_conv.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+        torch.manual_seed(1)  # the same proposal sampling in both runs
+        values = t.run_step(batch)
+        grads = [p.grad.dtype for p in m.parameters() if p.grad is not None]
+        return t, values, dtypes, grads, m
+
+    if trainer_module.amp_dtype(torch.device("cpu")) is None:
+        pytest.skip("this CPU has no native bf16: SOLVER.AMP.ENABLED is ignored here")
+    t32, v32, d32, _, _ = step(False)
+    t16, v16, d16, grads, m16 = step(True)
+    assert not t32.amp and t16.amp and t16.amp_dtype == torch.bfloat16 and t16.scaler is None
+    assert d32 == [torch.float32] and d16 == [torch.bfloat16]
+    assert grads and set(grads) == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in m16.parameters())
+    for k in v32:  # the same losses up to bf16's rounding, but not bit-equal
+        assert abs(v16[k] - v32[k]) <= 0.05 * abs(v32[k]) + 1e-3, (k, v16[k], v32[k])
+    assert v16["total_loss"] != v32["total_loss"]
+
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    with caplog.at_level("WARNING"):
+        t, _, d, _, _ = step(True)
+    assert not t.amp and d == [torch.float32]
+    assert "SOLVER.AMP.ENABLED is ignored on cpu" in caplog.text
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
+def test_fused_optimizer_takes_the_same_steps(optimizer):
+    """SOLVER.FUSED_OPTIMIZER: torch's fused kernel, with the norm layers' own weight decay
+    group, gives the steps of the default implementation up to float rounding."""
+    steps = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8),
+                                    torch.nn.Flatten(), torch.nn.Linear(8 * 36, 5))
+        cfg = load_config("faster_rcnn_r18_fpn_shapes.yaml", [
+            "SOLVER.OPTIMIZER", optimizer, "SOLVER.FUSED_OPTIMIZER", str(fused),
+            "SOLVER.WEIGHT_DECAY", "0.01", "SOLVER.BASE_LR", "0.01"])
+        start = [p.detach().clone() for p in model.parameters()]
+        opt = build_optimizer(cfg, model)
+        assert bool(opt.defaults.get("fused")) is fused
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(4, 3, 8, 8, generator=gen)).square().mean().backward()
+            opt.step()
+        steps[fused] = [p.detach().clone() for p in model.parameters()]
+    assert all((a - s).abs().max() > 1e-3 for a, s in zip(steps[False], start))  # moved
+    for a, b in zip(steps[False], steps[True]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 def _lr_curve(cfg, iters=100):
     """The lr of each of ``iters`` optimizer steps under the config's schedule."""
     opt = build_optimizer(cfg, torch.nn.Linear(2, 2))
