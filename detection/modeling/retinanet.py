@@ -115,6 +115,10 @@ class RunningMean:
         self.value = float(state["value"])
 
 
+def _at_least_float32(*tensors: Tensor) -> Tuple[Tensor, ...]:
+    return tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors)
+
+
 class RetinaNet(nn.Module):
     """RetinaNet that owns its preprocessing; see the module docstring for the call.
 
@@ -227,8 +231,8 @@ class RetinaNet(nn.Module):
     def losses(self, anchors: List[Tensor], logits: List[Tensor], deltas: List[Tensor],
                targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         anchors_t = torch.cat(anchors)  # [P, 4]
-        # [N, P, K], [N, P, 4]; in float32 whatever the head ran in (bf16 autocast)
-        logits_t, deltas_t = torch.cat(logits, 1).float(), torch.cat(deltas, 1).float()
+        # [N, P, K], [N, P, 4]; at least float32 whatever the head ran in (bf16 autocast)
+        logits_t, deltas_t = _at_least_float32(torch.cat(logits, 1), torch.cat(deltas, 1))
         gt_labels, gt_boxes = self.label_anchors(anchors_t, targets,
                                                  [a.shape[0] for a in anchors])
         n, k = len(targets), self.num_classes
