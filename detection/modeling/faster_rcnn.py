@@ -12,7 +12,7 @@ from backbones.fused import FusedConv2d, FusedLinear, fuse_conv_relu, use_winogr
 
 from .metadata import Metadata
 from .precision import Cast, RefinedRPNHead, check_precision
-from .preprocess import Preprocessor, detector_inputs, in_input_pixels
+from .preprocess import Preprocessor, as_model_input, detector_inputs, in_input_pixels
 from .roi_heads import StandardROIHeads
 from .rpn import RPN
 
@@ -61,7 +61,7 @@ class GeneralizedRCNN(nn.Module):
         """RPN proposals per image ``(R_i, 4)`` in the resized image's coordinates (the
         coordinates the RoI heads see), for inspection and tests."""
         batch, sizes, _ = self.preprocessor(images)
-        features = self.backbone(batch)
+        features = self.backbone(as_model_input(self, batch))
         return self.rpn(features, sizes, tuple(batch.shape[-2:]))[0]
 
     @torch.no_grad()

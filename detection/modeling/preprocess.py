@@ -248,9 +248,15 @@ def detector_inputs(model: nn.Module, images: Sequence[Tensor],
                              "model.eval() for inference)")
         check_targets(targets, len(images), model.num_classes)
     batch, sizes, targets = model.preprocessor(images, targets if model.training else None)
+    return as_model_input(model, batch), sizes, targets
+
+
+def as_model_input(model: nn.Module, batch: Tensor) -> Tensor:
+    """``batch`` in the dtype (bf16 for a bf16 backbone) and channels-last layout that
+    ``optimize_for_inference`` chose for ``model``."""
     if getattr(model, "_channels_last", False):
         batch = batch.to(dtype=model._input_dtype, memory_format=torch.channels_last)
-    return batch, sizes, targets
+    return batch
 
 
 def in_input_pixels(detections, sizes: Sequence[Tuple[Size, Size]],

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from torchvision.ops import box_iou
 
 from detection.deploy import export_model, load_exported
 from detection.deploy.agreement import compare_detections
@@ -85,6 +86,21 @@ def test_bf16_keeps_detections_in_torch(trained):
             a = compare_detections(ref, got, iou=0.95, score_tol=0.02, min_score=0.07)
             matched, total = matched + a.matched, total + a.reference
     assert total >= 16 and matched / total >= 0.99, (matched, total)
+
+
+def test_proposals_of_a_bf16_model(trained):
+    """``proposals()`` takes the input dtype the bf16 backbone runs in (it used to feed it
+    float32 and fail), and gives float32's proposals up to bf16's error."""
+    fp32 = copy.deepcopy(trained).optimize_for_inference(precision="fp32")
+    bf16 = copy.deepcopy(trained).optimize_for_inference(precision="bf16")
+    images, _ = shapes(4, seed=2)
+    with torch.inference_mode():
+        for img in images:
+            want, got = fp32.proposals([img])[0], bf16.proposals([img])[0]
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            # the top proposals come back (a near-tie in the RPN's NMS may swap one)
+            best = box_iou(want[:20], got).max(dim=1).values
+            assert float((best > 0.99).float().mean()) >= 0.9, best
 
 
 def test_refined_rpn_head_is_float32_at_the_top_anchors():
