@@ -28,6 +28,14 @@ a near-tie between two overlapping proposals in the RPN's NMS that bf16's roundi
 features decides the other way, which the briefly trained box head does not regress back to
 one box; the others are low-scoring (mostly < 0.3) small shapes whose score moves by more
 than 0.02.
+
+The default's later recipe (500 iterations in bf16 autocast, 2026-12-03): 99.28% of 2,089
+detections (seed 0, AP 79.9), 98.80% of 2,828 (seed 1, AP 73.1); with the box head's fcs in
+bf16 too, 99.04% and 98.51%. Of seed 0's 15 losses, 9 come back with the same score (often
+to 1e-3) and a box of IoU 0.68-0.95 with float32's: two detections of one object from two
+overlapping proposals (the RPN's proposals themselves match, 199-200 of 200 at IoU > 0.99),
+whose scores tie within bf16's error, so the final NMS keeps the other one. The share kept
+moves with the model by more than the bar's margin.
 """
 
 import copy
