@@ -52,6 +52,45 @@ def test_winograd_equals_direct_conv(shape, chunk, relu, add, bias):
     torch.testing.assert_close(got_cl, got, rtol=0, atol=0)
 
 
+def test_workspace_is_reused_across_calls_modes_and_threads():
+    """The chunks write into one buffer per thread, kept between calls: a call in inference
+    mode, then one under no_grad, then a larger map, then another thread, each give the result
+    of a fresh call (one buffer would have broken an inference-mode tensor's rules, or two
+    threads sharing it their results)."""
+    import threading
+
+    gen = torch.Generator().manual_seed(1)
+    weight = transform_weight(torch.randn(24, 16, 3, 3, generator=gen) / 12)
+    small, large = torch.randn(2, 16, 9, 14, generator=gen), torch.randn(1, 16, 30, 41,
+                                                                          generator=gen)
+    with torch.inference_mode():
+        first = winograd_conv3x3(small, weight, chunk_tiles=5)
+    with torch.no_grad():
+        again = winograd_conv3x3(small, weight, chunk_tiles=5)
+        big = winograd_conv3x3(large, weight, chunk_tiles=64)
+        after_big = winograd_conv3x3(small, weight, chunk_tiles=5)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    torch.testing.assert_close(after_big, first, rtol=0, atol=0)
+    results = {}
+
+    def run(name, x):
+        with torch.no_grad():
+            for _ in range(20):
+                results[name] = winograd_conv3x3(x, weight, chunk_tiles=7)
+
+    threads = [threading.Thread(target=run, args=("small", small)),
+               threading.Thread(target=run, args=("large", large))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.testing.assert_close(results["small"], first, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(results["large"], winograd_conv3x3(large, weight, chunk_tiles=7),
+                                   rtol=0, atol=1e-6)
+    assert big.shape == (1, 24, 30, 41)
+
+
 def test_winograd_rejects_wrong_channels():
     w = transform_weight(torch.randn(8, 4, 3, 3))
     with pytest.raises(ValueError, match="5 channels, the weight 4"):
