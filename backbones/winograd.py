@@ -8,7 +8,7 @@ smaller than the direct convolution's. The transforms are small dense products o
 of 16x36 on the products), done chunk by chunk of tiles, each chunk's band of input rows
 padded in its own buffer, so that a chunk's data are still in the cache when the next step
 reads them. The chunks' tiles, transforms and products are written into one buffer per thread
-(``_workspace``, kept between calls, about 30 MB for an R50-FPN at 800x1067) instead of five
+(``_workspace``, kept between calls, about 42 MB for an R50-FPN at 800x1067) instead of five
 new tensors per chunk: in A/Bs of the whole R50-FPN Faster R-CNN at 800x1067 (7-9 rounds,
 2026-12-03, a noisy day) 2.258 s against 2.322 s and 2.249 against 2.192 on the default heap,
 1.954 against 2.023 and 2.018 against 2.234 with the retained heap: a few percent, within
