@@ -1,7 +1,7 @@
 """RoIAlign over one or several feature levels, with each box sent to one level."""
 
 import math
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +87,9 @@ class ROIPooler(nn.Module):
                 pooled = roi_align(feat, rois[idx], self.output_size, scale,
                                    self.sampling_ratio, self.aligned).to(out.dtype)
                 out = out.scatter(0, idx.view(-1, 1, 1, 1).expand(-1, *out.shape[1:]), pooled)
+            elif kernel is roi_align_gathered and idx.numel():
+                roi_align_gathered(feat, rois[idx], self.output_size, scale,
+                                   self.sampling_ratio, self.aligned, out=out, out_rows=idx)
             elif idx.numel():
                 out[idx] = kernel(feat, rois[idx], self.output_size, scale,
                                   self.sampling_ratio, self.aligned).to(out.dtype)
@@ -138,18 +141,24 @@ GATHER_CHUNK = 1 << 23  # window elements gathered at a time (32 MiB in float32)
 
 
 def roi_align_gathered(feature: Tensor, rois: Tensor, output_size, scale: float,
-                       sampling_ratio: int, aligned: bool) -> Tensor:
+                       sampling_ratio: int, aligned: bool, out: Optional[Tensor] = None,
+                       out_rows: Optional[Tensor] = None) -> Tensor:
     """torchvision's ``roi_align`` (same arguments; float32 or float64 out, any float
     features; the result in channels-last layout), computed as: gather each roi's window of
     feature rows and columns from the channels-last map (channels contiguous), then two small
     matrix products with the per-roi row and column weights of ``_axis_weights``. Equal to
     torchvision's kernel up to the order of float sums; threaded by torch's own gather and
-    batched matmul."""
+    batched matmul.
+
+    With ``out`` (channels-last ``(M, C, S, S)``, the rois' dtype) and ``out_rows`` (``(R,)``),
+    roi ``i`` is written to ``out[out_rows[i]]`` and ``out`` is returned (a multi-level pooler's
+    levels write their rows of one result, with no second copy)."""
     n, c, h, w = feature.shape
     ph, pw = output_size
     dtype = rois.dtype
     nhwc = feature.permute(0, 2, 3, 1)  # a view for a channels_last map, else one copy
     nhwc = nhwc if nhwc.is_contiguous() else nhwc.contiguous()
+    pixels = nhwc.view(n * h * w, c)
     offset = 0.5 if aligned else 0.0
     x1, y1 = rois[:, 1] * scale - offset, rois[:, 2] * scale - offset
     width, height = rois[:, 3] * scale - offset - x1, rois[:, 4] * scale - offset - y1
@@ -164,17 +173,36 @@ def roi_align_gathered(feature: Tensor, rois: Tensor, output_size, scale: float,
     image = rois[:, 0].long()
     rows = (y0[:, None] + torch.arange(weight_y.shape[2])).clamp(max=h - 1)
     cols = (x0[:, None] + torch.arange(weight_x.shape[2])).clamp(max=w - 1)
-    out = rois.new_empty((rois.shape[0], ph, pw, c))  # returned as a channels-last view
+    if out is None:
+        out = torch.empty((rois.shape[0], c, ph, pw), dtype=dtype,
+                          memory_format=torch.channels_last)
+        out_rows = None
+    result = out.permute(0, 2, 3, 1)  # (M, S, S, C), contiguous
+    if not result.is_contiguous() or out.dtype != dtype or out.shape[1:] != (c, ph, pw):
+        raise ValueError(f"out must be channels-last {dtype} (M, {c}, {ph}, {pw}), got "
+                         f"{out.dtype} {tuple(out.shape)}")
     # rois of one window size together, each group in chunks of about GATHER_CHUNK elements
     side = torch.maximum(span_y, span_x)
     side, order = torch.sort(side)
     values, counts = torch.unique_consecutive(side, return_counts=True)
+    groups = []
     for group in torch.split(order, counts.tolist()):
         ky, kx = int(span_y[group].max()), int(span_x[group].max())
-        for idx in torch.split(group, max(1, GATHER_CHUNK // (c * ky * kx))):
-            window = nhwc[image[idx, None, None], rows[idx, :ky, None], cols[idx, None, :kx]]
+        groups.append((group, ky, kx, max(1, GATHER_CHUNK // (c * ky * kx))))
+    # the windows of each chunk are gathered into one buffer, reused chunk after chunk
+    scratch = nhwc.new_empty(max(min(p, g.numel()) * ky * kx * c for g, ky, kx, p in groups))
+    for group, ky, kx, per_chunk in groups:
+        for idx in torch.split(group, per_chunk):
+            # one flat index per window pixel: index_select copies whole channel rows (about
+            # half the time of the same gather by advanced indexing, which copies element by
+            # element)
+            pixel = ((image[idx, None, None] * h + rows[idx, :ky, None]) * w
+                     + cols[idx, None, :kx])
+            window = torch.index_select(pixels, 0, pixel.view(-1),
+                                        out=scratch[:pixel.numel() * c].view(-1, c))
             window = window.to(dtype).view(idx.numel(), ky, kx * c)
             by_rows = torch.bmm(weight_y[idx, :, :ky], window).view(idx.numel(), ph, kx, c)
             # [r, 1, pw, kx] @ [r, ph, kx, c] -> [r, ph, pw, c], rows of channels
-            out[idx] = torch.matmul(weight_x[idx, None, :, :kx], by_rows)
-    return out.permute(0, 3, 1, 2)
+            pooled = torch.matmul(weight_x[idx, None, :, :kx], by_rows)
+            result.index_copy_(0, idx if out_rows is None else out_rows[idx], pooled)
+    return out

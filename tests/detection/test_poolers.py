@@ -86,3 +86,23 @@ def test_empty_rois():
     with torch.no_grad():
         out = pooler([feature], [torch.zeros(0, 4)])
     assert out.shape == (0, 4, 7, 7)
+
+
+def test_gathered_writes_given_rows_of_out():
+    """``out``/``out_rows``: each roi lands in its row, other rows stay as they were, and an
+    ``out`` of the wrong layout is refused (not written in a scrambled order)."""
+    g = torch.Generator().manual_seed(5)
+    feature = torch.randn(2, 6, 20, 24, generator=g).contiguous(memory_format=torch.channels_last)
+    rois = random_rois(12, 20, 24, 4.0, g)
+    expected = roi_align(feature, rois, (7, 7), 0.25, 0, True)
+    out = torch.full((20, 6, 7, 7), -7.0).contiguous(memory_format=torch.channels_last)
+    rows = torch.randperm(20, generator=g)[:12]
+    got = roi_align_gathered(feature, rois, (7, 7), 0.25, 0, True, out=out, out_rows=rows)
+    assert got is out
+    torch.testing.assert_close(out[rows], expected, rtol=1e-5, atol=1e-5)
+    others = torch.ones(20, dtype=torch.bool)
+    others[rows] = False
+    assert out[others].eq(-7.0).all()
+    with pytest.raises(ValueError, match="channels-last"):
+        roi_align_gathered(feature, rois, (7, 7), 0.25, 0, True, out=torch.empty(12, 6, 7, 7),
+                           out_rows=torch.arange(12))
