@@ -159,6 +159,16 @@ def roi_align_gathered(feature: Tensor, rois: Tensor, output_size, scale: float,
     nhwc = feature.permute(0, 2, 3, 1)  # a view for a channels_last map, else one copy
     nhwc = nhwc if nhwc.is_contiguous() else nhwc.contiguous()
     pixels = nhwc.view(n * h * w, c)
+    if out is None:
+        out = torch.empty((rois.shape[0], c, ph, pw), dtype=dtype,
+                          memory_format=torch.channels_last)
+        out_rows = None
+    result = out.permute(0, 2, 3, 1)  # (M, S, S, C), contiguous
+    if not result.is_contiguous() or out.dtype != dtype or out.shape[1:] != (c, ph, pw):
+        raise ValueError(f"out must be channels-last {dtype} (M, {c}, {ph}, {pw}), got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    if rois.shape[0] == 0:
+        return out
     offset = 0.5 if aligned else 0.0
     x1, y1 = rois[:, 1] * scale - offset, rois[:, 2] * scale - offset
     width, height = rois[:, 3] * scale - offset - x1, rois[:, 4] * scale - offset - y1
@@ -173,14 +183,6 @@ def roi_align_gathered(feature: Tensor, rois: Tensor, output_size, scale: float,
     image = rois[:, 0].long()
     rows = (y0[:, None] + torch.arange(weight_y.shape[2])).clamp(max=h - 1)
     cols = (x0[:, None] + torch.arange(weight_x.shape[2])).clamp(max=w - 1)
-    if out is None:
-        out = torch.empty((rois.shape[0], c, ph, pw), dtype=dtype,
-                          memory_format=torch.channels_last)
-        out_rows = None
-    result = out.permute(0, 2, 3, 1)  # (M, S, S, C), contiguous
-    if not result.is_contiguous() or out.dtype != dtype or out.shape[1:] != (c, ph, pw):
-        raise ValueError(f"out must be channels-last {dtype} (M, {c}, {ph}, {pw}), got "
-                         f"{out.dtype} {tuple(out.shape)}")
     # rois of one window size together, each group in chunks of about GATHER_CHUNK elements
     side = torch.maximum(span_y, span_x)
     side, order = torch.sort(side)
