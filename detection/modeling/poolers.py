@@ -160,9 +160,10 @@ def roi_align_gathered(feature: Tensor, rois: Tensor, output_size, scale: float,
     nhwc = nhwc if nhwc.is_contiguous() else nhwc.contiguous()
     pixels = nhwc.view(n * h * w, c)
     if out is None:
+        if out_rows is not None:
+            raise ValueError("out_rows needs out (the result the rows are of)")
         out = torch.empty((rois.shape[0], c, ph, pw), dtype=dtype,
                           memory_format=torch.channels_last)
-        out_rows = None
     result = out.permute(0, 2, 3, 1)  # (M, S, S, C), contiguous
     if not result.is_contiguous() or out.dtype != dtype or out.shape[1:] != (c, ph, pw):
         raise ValueError(f"out must be channels-last {dtype} (M, {c}, {ph}, {pw}), got "

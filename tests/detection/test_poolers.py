@@ -105,6 +105,8 @@ def test_gathered_writes_given_rows_of_out():
     assert out[others].eq(-7.0).all()
     empty = roi_align_gathered(feature, rois[:0], (7, 7), 0.25, 0, True)
     assert empty.shape == (0, 6, 7, 7)
+    with pytest.raises(ValueError, match="out_rows needs out"):
+        roi_align_gathered(feature, rois, (7, 7), 0.25, 0, True, out_rows=rows)
     with pytest.raises(ValueError, match="channels-last"):
         roi_align_gathered(feature, rois, (7, 7), 0.25, 0, True, out=torch.empty(12, 6, 7, 7),
                            out_rows=torch.arange(12))
