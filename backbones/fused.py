@@ -28,7 +28,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from .winograd import MIN_CHANNELS, transform_weight, winograd_conv3x3, winograd_supported
+from .winograd import (
+    F6_MIN_PIXELS,
+    MIN_CHANNELS,
+    transform_weight,
+    winograd_conv3x3,
+    winograd_supported,
+)
 
 
 def _fusion_available() -> bool:
@@ -56,18 +62,33 @@ class FusedConv2d(nn.Module):
         self.relu = self.fused_relu = relu
         self.weight_winograd: Optional[Tensor]
         self.register_buffer("weight_winograd", None, persistent=False)
+        self.weight_winograd6: Optional[Tensor]  # F(6x6, 3x3), made at the first large map
+        self.register_buffer("weight_winograd6", None, persistent=False)
         # Measured here: oneDNN's blocked weight layout made ahead of time
         # (mkldnn_reorder_conv2d_weight) was slower than a channels_last weight, which
         # prepare_for_inference gives every conv; so the weight stays a plain tensor.
 
     def use_winograd(self, min_channels: int) -> bool:
-        """Run this conv as Winograd F(4x4, 3x3) on CPU float32 inputs from now on, where
-        it is a 3x3 stride-1 conv of at least ``min_channels`` channels (``backbones.winograd``).
-        Returns whether it will (not for weights on another device: it is a CPU path)."""
+        """Run this conv as Winograd F(4x4, 3x3) on CPU float32 inputs from now on, F(6x6, 3x3)
+        on maps of at least ``F6_MIN_PIXELS``, where it is a 3x3 stride-1 conv of at least
+        ``min_channels`` channels (``backbones.winograd``). Returns whether it will (not for
+        weights on another device: it is a CPU path)."""
+        self.weight_winograd6 = None
         if self.weight.device.type != "cpu" or not winograd_supported(self, min_channels):
             return False
         self.weight_winograd = transform_weight(self.weight)
         return True
+
+    def _winograd_weight(self, x: Tensor) -> Tensor:
+        """F(4x4, 3x3)'s transformed weight, or F(6x6, 3x3)'s on a large map (made from the
+        weight at its first large map: most convs never see one, and its 64 rows take 1.8x
+        the memory of F(4x4)'s 36)."""
+        if x.shape[2] * x.shape[3] < F6_MIN_PIXELS:
+            return self.weight_winograd
+        if self.weight_winograd6 is None:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, kept
+                self.weight_winograd6 = transform_weight(self.weight, 6)
+        return self.weight_winograd6
 
     def _winograd_pays(self, x: Tensor) -> bool:
         # Measured here: maps of at least about 40 tiles of 4x4 each (13x17 was as fast
@@ -80,7 +101,7 @@ class FusedConv2d(nn.Module):
 
     def forward(self, x: Tensor, other: Optional[Tensor] = None) -> Tensor:
         if self._winograd_pays(x) and _use_fused(x):
-            return winograd_conv3x3(x, self.weight_winograd, self.bias, self.relu, other)
+            return winograd_conv3x3(x, self._winograd_weight(x), self.bias, self.relu, other)
         # float32, and bf16 (a bf16 backbone: measured 1.7x faster than conv, add, ReLU)
         if _use_fused(x, (torch.float32, torch.bfloat16)) and self.weight.dtype == x.dtype:
             op = torch.ops.mkldnn._convolution_pointwise

@@ -1,5 +1,5 @@
-"""Winograd F(4x4, 3x3) convolution: the same function as the direct 3x3 conv, within float32
-round-off, on every path of its tiling (row chunks, image chunks, edge tiles)."""
+"""Winograd F(4x4, 3x3) and F(6x6, 3x3) convolution: the same function as the direct 3x3 conv,
+within float32 round-off, on every path of its tiling (row chunks, image chunks, edge tiles)."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from torch import nn
 
 import backbones.fused as fused_module
 from backbones.fused import FusedConv2d, use_winograd
-from backbones.winograd import transform_weight, winograd_conv3x3, winograd_supported
+from backbones.winograd import cook_toom, transform_weight, winograd_conv3x3, winograd_supported
 
 
 def _reference(x, w, b, relu, other):
@@ -28,7 +28,8 @@ def _reference(x, w, b, relu, other):
 ])
 @pytest.mark.parametrize("relu,add,bias", [(True, False, True), (False, True, True),
                                            (True, True, False)])
-def test_winograd_equals_direct_conv(shape, chunk, relu, add, bias):
+@pytest.mark.parametrize("m", [4, 6])
+def test_winograd_equals_direct_conv(shape, chunk, relu, add, bias, m):
     gen = torch.Generator().manual_seed(0)
     n, c, h, w = shape
     x = torch.randn(shape, generator=gen)
@@ -36,7 +37,7 @@ def test_winograd_equals_direct_conv(shape, chunk, relu, add, bias):
     b = torch.randn(19, generator=gen) if bias else None
     other = torch.randn(n, 19, h, w, generator=gen) if add else None
     want = _reference(x, weight, b, relu, other)
-    got = winograd_conv3x3(x, transform_weight(weight), b, relu, other, chunk_tiles=chunk)
+    got = winograd_conv3x3(x, transform_weight(weight, m), b, relu, other, chunk_tiles=chunk)
     assert got.shape == want.shape and got.dtype == torch.float32
     assert got.is_contiguous(memory_format=torch.channels_last)
     err = (got.double() - want).abs().max().item()
@@ -44,11 +45,12 @@ def test_winograd_equals_direct_conv(shape, chunk, relu, add, bias):
     if other is not None:
         direct = direct + other
     direct_err = ((direct.clamp_min(0) if relu else direct).double() - want).abs().max().item()
-    # float32 round-off: a few times the direct conv's, far below any wrong tap or tile
-    assert err < max(20 * direct_err, 1e-5), (err, direct_err)
+    # float32 round-off: a few times the direct conv's (F(6x6) 1.4-2x F(4x4)'s: larger
+    # transform coefficients), far below any wrong tap or tile (errors of order 0.1-1 here)
+    assert err < max({4: 20, 6: 40}[m] * direct_err, 1e-5), (err, direct_err)
     # a channels-last input gives the same result
     got_cl = winograd_conv3x3(x.contiguous(memory_format=torch.channels_last),
-                              transform_weight(weight), b, relu, other, chunk_tiles=chunk)
+                              transform_weight(weight, m), b, relu, other, chunk_tiles=chunk)
     torch.testing.assert_close(got_cl, got, rtol=0, atol=0)
 
 
@@ -91,10 +93,38 @@ def test_workspace_is_reused_across_calls_modes_and_threads():
     assert big.shape == (1, 24, 30, 41)
 
 
-def test_winograd_rejects_wrong_channels():
+def test_winograd_rejects_wrong_channels_and_tiles():
     w = transform_weight(torch.randn(8, 4, 3, 3))
     with pytest.raises(ValueError, match="5 channels, the weight 4"):
         winograd_conv3x3(torch.randn(1, 5, 8, 8), w)
+    with pytest.raises(ValueError, match="36 or 64 rows, not 49"):  # no F(5x5, 3x3)
+        winograd_conv3x3(torch.randn(1, 4, 8, 8), torch.randn(49, 4, 8))
+
+
+def test_cook_toom_matrices():
+    """F(4, 3) from the points 0, +-1, +-2 is Lavin and Gray's published transform, entry for
+    entry; F(6, 3) (points 0, +-1, +-2, +-1/2) computes the 1-D correlation exactly in float64,
+    as F(4, 3) does."""
+    at, g, bt = cook_toom(4)
+    assert torch.equal(bt, torch.tensor(
+        [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+         [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=torch.float64))
+    assert torch.equal(g, torch.tensor(
+        [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+         [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64))
+    assert torch.equal(at, torch.tensor(
+        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+        dtype=torch.float64))
+    gen = torch.Generator().manual_seed(2)
+    for m in (4, 6):
+        at, g, bt = cook_toom(m)
+        assert at.shape == (m, m + 2) and g.shape == (m + 2, 3) and bt.shape == (m + 2, m + 2)
+        d = torch.randn(m + 2, generator=gen, dtype=torch.float64)
+        w = torch.randn(3, generator=gen, dtype=torch.float64)
+        want = torch.stack([d[i:i + 3] @ w for i in range(m)])
+        torch.testing.assert_close(at @ ((g @ w) * (bt @ d)), want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="F\\(6, 3\\) needs 7 finite points, got 5"):
+        cook_toom(6, (0, 1, -1, 2, -2))
 
 
 def test_only_3x3_stride1_wide_convs_are_supported():
@@ -127,9 +157,40 @@ def test_fused_conv_runs_winograd_where_it_pays(monkeypatch):
         fused(torch.randn(8, 32, 14, 14))  # a batch of small maps (RoIs): direct
         fused(torch.randn(2, 32, 40, 52))  # a batch of images: Winograd
     assert calls == [x.shape, (2, 32, 40, 52)]
+    # F(4x4) everywhere below F6_MIN_PIXELS: no F(6x6) weight was made
+    assert fused[0].weight_winograd6 is None
     # the transformed weight is not part of the state dict
     assert not any("winograd" in k for k in fused.state_dict())
     # under autograd the plain conv runs, so gradients flow
     x.requires_grad_(True)
     fused(x).sum().backward()
     assert x.grad is not None and len(calls) == 2
+
+
+def test_fused_conv_runs_f6_on_large_maps(monkeypatch):
+    """From ``F6_MIN_PIXELS`` on, the conv runs as F(6x6, 3x3), with its transformed weight
+    made at the first such map and kept (also when made in inference mode, it serves calls
+    under no_grad); smaller maps keep F(4x4); ``use_winograd`` again drops the F(6x6) weight
+    (the weights may have changed)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 32, 3, padding=1)
+    fused = FusedConv2d(conv, relu=True)
+    assert fused.use_winograd(min_channels=32)
+    monkeypatch.setattr(fused_module, "F6_MIN_PIXELS", 40 * 52)
+    rows = []
+    real = fused_module.winograd_conv3x3
+    monkeypatch.setattr(fused_module, "winograd_conv3x3",
+                        lambda x, w, *a, **k: rows.append(w.shape[0]) or real(x, w, *a, **k))
+    large, small = torch.randn(1, 32, 40, 52), torch.randn(1, 32, 39, 52)
+    with torch.inference_mode():
+        got = fused(large)
+    assert rows == [64] and fused.weight_winograd6.shape == (64, 32, 32)
+    assert not fused.weight_winograd6.is_inference()
+    made = fused.weight_winograd6
+    with torch.no_grad():
+        torch.testing.assert_close(got, torch.relu(conv(large)), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fused(small), torch.relu(conv(small)), rtol=1e-4, atol=1e-4)
+        fused(large)
+    assert rows == [64, 36, 64] and fused.weight_winograd6 is made
+    fused.use_winograd(min_channels=32)
+    assert fused.weight_winograd6 is None

@@ -16,7 +16,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-def test_fused_inference_keeps_detections():
+@pytest.mark.parametrize("f6_min_pixels", [None, 500])
+def test_fused_inference_keeps_detections(monkeypatch, f6_min_pixels):
+    """With ``f6_min_pixels`` lowered, the large maps of these small images (FPN's P2 and P3
+    outputs and the RPN head's conv on them) run as Winograd F(6x6, 3x3), as an 800x1067
+    image's P2 does."""
+    import backbones.fused as fused_module
+
+    if f6_min_pixels:
+        monkeypatch.setattr(fused_module, "F6_MIN_PIXELS", f6_min_pixels)
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs" / "torchvision" / "fasterrcnn_resnet50_fpn.yaml",
                       ["MODEL.RESNETS.DEPTH", "18", "INPUT.MIN_SIZE_TEST", "160",
@@ -35,6 +43,8 @@ def test_fused_inference_keeps_detections():
         assert sum(getattr(m, "weight_winograd", None) is not None
                    for m in fast.modules()) >= 5
         want, got = plain(images), fast(images)
+        made = sum(getattr(m, "weight_winograd6", None) is not None for m in fast.modules())
+        assert made == (3 if f6_min_pixels else 0)  # P2, P3 output convs; the RPN conv
     for w, g in zip(want, got):
         assert len(w["boxes"]) >= 20 and torch.isfinite(w["scores"]).all()
         top = w["scores"].argsort(descending=True)[:20]
