@@ -75,8 +75,9 @@ class GeneralizedRCNN(nn.Module):
         "bf16" runs the backbone (ResNet and FPN) in bf16 and the heads in float32
         (see ``precision.py``). With ``fuse`` and ``winograd`` in float32, the fused 3x3
         convs of 256 channels or more (FPN outputs, RPN head, ResNet's res4/res5) run as
-        Winograd F(4x4, 3x3) on CPU maps of 40 tiles or more (``backbones.winograd``;
-        the mask head's 14x14 RoIs stay direct). Inference only:
+        Winograd F(4x4, 3x3) on CPU maps of 40 tiles or more, F(6x6, 3x3) on maps of 10,000
+        pixels or more (``backbones.winograd``; the mask head's 14x14 RoIs stay direct).
+        Inference only:
         the folded model cannot train its norms any more. Returns the model."""
         dtype = check_precision(precision)
         self.eval()

@@ -328,8 +328,9 @@ class RetinaNet(nn.Module):
         channels-last, and with ``fuse`` apply each ReLU inside its conv (oneDNN post-ops;
         the head's convs too when they have no norm). With ``fuse`` and ``winograd`` in
         float32, the fused 3x3 convs of 256 channels or more run as Winograd F(4x4, 3x3)
-        on CPU (``backbones.winograd``). ``precision`` "bf16" runs the backbone in bf16 and
-        the head, anchors, decoding and NMS in float32. Inference only. Returns the model."""
+        on CPU, F(6x6, 3x3) on maps of 10,000 pixels or more (``backbones.winograd``).
+        ``precision`` "bf16" runs the backbone in bf16 and the head, anchors, decoding and NMS
+        in float32. Inference only. Returns the model."""
         dtype = check_precision(precision)
         self.eval()
         fold_frozen_batchnorm(self)
