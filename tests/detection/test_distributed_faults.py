@@ -179,15 +179,16 @@ def test_watchdog_of_rank_0_declares_a_silent_peer_dead_and_the_others_abort(mon
     w0, w1 = watchdogs(port, peer_timeout=0.5)
     w0.start()
     # rank 1 never beats again (its machine vanished): rank 0 declares it within the timeout
+    # (the watchdog's thread sets ``failure``, logs, then arms the exit: wait for both)
     deadline = time.monotonic() + 10
-    while w0.failure is None and time.monotonic() < deadline:
+    while (w0.failure is None or not armed) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert w0.failure is not None and w0.failure.startswith("rank 1 sent no heartbeat")
     assert armed == [5.0]
     # a third party (rank 1's watchdog, started late) sees the abort and stops as well
     w1.start()
     deadline = time.monotonic() + 10
-    while w1.failure is None and time.monotonic() < deadline:
+    while (w1.failure is None or len(armed) < 2) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert w1.failure == w0.failure and armed == [5.0, 5.0]
     del master
