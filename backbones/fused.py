@@ -21,6 +21,7 @@ Nothing here knows our layer names. A module opts in by declaring, as class attr
   ReLU, which the module calls with the addend so that the add is a post-op.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -42,9 +43,17 @@ def _fusion_available() -> bool:
             and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
 
 
+@functools.cache
+def _onednn_bf16() -> bool:
+    """oneDNN has bf16 kernels on this CPU (AVX-512 core or avx_ne_convert; on AVX2-only CPUs
+    it refuses bf16 convolutions with an error)."""
+    return _fusion_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _use_fused(x: Tensor, dtypes: tuple = (torch.float32,)) -> bool:
     return (x.device.type == "cpu" and x.dtype in dtypes
-            and not (torch.is_grad_enabled() and x.requires_grad))
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and (x.dtype != torch.bfloat16 or _onednn_bf16()))
 
 
 class FusedConv2d(nn.Module):

@@ -19,6 +19,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import FrozenBatchNorm2d
 
 import backbones
+from backbones import machine
 from backbones.convert import torchvision_resnet_to_ours
 
 
@@ -80,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
+    print(machine.describe(), flush=True)  # the machine heads every table
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     bench_classifier(1, args.runs * 3)
     bench_classifier(8, args.runs)

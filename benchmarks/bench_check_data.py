@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
+from backbones import machine
 from detection.data.check import check_records
 
 
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=5000)
     parser.add_argument("--size", type=int, nargs=2, default=(96, 128), metavar=("H", "W"))
     args = parser.parse_args()
+    print(machine.describe(), flush=True)  # the machine heads every table
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         records = make_records(Path(tmp), args.records, *args.size)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from backbones import machine
+
 
 def make_data(num_images: int, dets_per_image: int, seed: int = 0):
     rng = np.random.default_rng(seed)
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--dets", type=int, default=100)
     args = parser.parse_args()
+    print(machine.describe(), flush=True)  # the machine heads every table
     gt, dets = make_data(args.images, args.dets)
     with tempfile.TemporaryDirectory() as d:
         gt_path = str(Path(d) / "gt.json")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from backbones import machine  # noqa: E402
 from backbones.winograd import transform_weight, winograd_conv3x3  # noqa: E402
 
 SHAPES = [(1, 256, 200, 272), (1, 256, 100, 136), (1, 256, 50, 68), (1, 256, 25, 34),
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--chunks", default="128,256,544,1088")
     args = parser.parse_args()
+    print(machine.describe(), flush=True)  # the machine heads every table
     if args.threads:
         torch.set_num_threads(args.threads)
     chunks = [int(c) for c in args.chunks.split(",")]

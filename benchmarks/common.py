@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import segmentation  # noqa: E402, F401  (registers Mask R-CNN and segmentation's config keys)
+from backbones.machine import describe  # noqa: E402
 from detection.families import get_family  # noqa: E402
 from detection.modeling.convert import load_state_dict  # noqa: E402
 from segmentation.config import load_config  # noqa: E402  (the full defaults tree)
@@ -26,6 +27,7 @@ def timing_args(parser: Optional[argparse.ArgumentParser] = None) -> argparse.Na
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(describe(), flush=True)  # the machine heads every table
     return args
 
 

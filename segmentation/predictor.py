@@ -24,7 +24,7 @@ __all__ = ["load_model"]
 
 def load_model(config: str | os.PathLike | CfgNode, weights: Optional[str] = None, *,
                device: str = "cpu", optimize: bool = True, runtime: str = "torch",
-               precision: str = "fp32") -> nn.Module:
+               precision: str = "auto") -> nn.Module:
     """Build the model of ``config`` (a YAML path or name, a CfgNode or a zoo name), read with
     segmentation's config, and load ``weights`` (default ``MODEL.WEIGHTS``) into it; in eval
     mode, frozen BatchNorm folded when ``optimize``. ``runtime`` and ``precision`` as in

@@ -61,11 +61,11 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="demo_out", help="folder for the pictures")
     parser.add_argument("--score-threshold", type=float, default=0.5)
     parser.add_argument("--limit", type=int, default=None, help="at most this many images")
-    add_runtime_arguments(parser)
+    add_runtime_arguments(parser, default_precision="auto")
     args = parser.parse_args(argv)
 
     model, _ = load_for_inference(args.config, args.weights, runtime=args.runtime,
-                                  precision=args.precision, cfg=get_cfg())
+                                  precision=args.precision or "auto", cfg=get_cfg())
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in list_images(args.input, args.limit):

@@ -5,6 +5,8 @@ the eager model's interface.
     model = load_model(DIR)                                  # or load_model(cfg, w, runtime=...)
 """
 
+from backbones.machine import PRECISIONS
+
 from .cache import export_cached
 from .export import (
     FORMATS,
@@ -13,7 +15,7 @@ from .export import (
     check_export,
     export_model,
 )
-from .runtimes import PRECISIONS, RUNTIMES, DeployedModel, load_exported, require
+from .runtimes import RUNTIMES, DeployedModel, load_exported, require
 
 __all__ = [
     "FORMATS", "PRECISIONS", "RUNTIMES", "DeployedModel", "ExportInfo",

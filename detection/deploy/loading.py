@@ -8,17 +8,19 @@ from typing import Any, Optional, Tuple
 logger = logging.getLogger(__name__)
 
 
-def add_runtime_arguments(parser: Any, when: str = "") -> None:
+def add_runtime_arguments(parser: Any, when: str = "",
+                          default_precision: str = "the config's TEST.PRECISION, fp32") -> None:
     """``--runtime`` and ``--precision`` on an argparse parser, both defaulting to None (the
-    config's ``TEST.RUNTIME`` / ``TEST.PRECISION``); ``when`` prefixes their help."""
+    config's ``TEST.RUNTIME`` / ``TEST.PRECISION``, unless the tool says otherwise in
+    ``default_precision``); ``when`` prefixes their help."""
     from . import PRECISIONS, RUNTIMES
 
     parser.add_argument("--runtime", choices=RUNTIMES, default=None,
                         help=f"{when}inference runtime (default: the config's TEST.RUNTIME, "
                              "torch)")
-    parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help=f"{when}fp32 or bf16 (default: the config's TEST.PRECISION, "
-                             "fp32)")
+    parser.add_argument("--precision", choices=(*PRECISIONS, "auto"), default=None,
+                        help=f"{when}fp32, bf16 (CPUs with native bf16 only) or auto (bf16 "
+                             "where native, else fp32); default: " + default_precision)
 
 
 def retain_memory_for_inference(cfg: Optional[Any]) -> bool:
@@ -76,5 +78,6 @@ def load_for_evaluation(cfg: Any) -> Any:
     if runtime == "torch" and precision == "fp32":
         model = build_model_from_cfg(cfg)
         load_weights(model, cfg.MODEL.WEIGHTS)
+        logger.info("Evaluating the eager model in fp32 (TEST.PRECISION)")
         return model
     return load_model(cfg, cfg.MODEL.WEIGHTS, runtime=runtime, precision=precision)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from backbones.machine import require_precision
 from detection.modeling.metadata import Metadata
 
 from .export import ExportInfo
@@ -19,7 +20,6 @@ from .export import ExportInfo
 logger = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
-PRECISIONS = ("fp32", "bf16")
 # runtime -> (module to import, pip package that provides it)
 PACKAGES = {"onnxruntime": ("onnxruntime", "onnxruntime"), "openvino": ("openvino", "openvino"),
             "onnx": ("onnx", "onnx")}
@@ -44,6 +44,7 @@ class DeployedModel:
 
     def __init__(self, info: ExportInfo, runtime: str, precision: str) -> None:
         self.info, self.runtime, self.precision = info, runtime, precision
+        logger.info("Inference in %s, precision %s", runtime, precision)
         self.metadata = Metadata(class_names=list(info.class_names),
                                  category_ids=list(info.category_ids))
         self.mask_threshold = info.mask_threshold
@@ -110,9 +111,8 @@ class OpenVINOModel(DeployedModel):
 
     def __init__(self, directory: Path, info: ExportInfo, *, precision: str = "fp32",
                  threads: int = 0, split: Optional[bool] = None) -> None:
+        precision = require_precision(precision, what="OpenVINO")  # "auto" resolved
         super().__init__(info, "openvino", precision)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         ov = require("openvino")
         core = ov.Core()
 
@@ -209,14 +209,16 @@ def load_exported(directory: Path, runtime: Optional[str] = None, *,
     is for: ONNX -> onnxruntime, OpenVINO IR -> openvino, TorchScript -> torch). ONNX files
     also run in OpenVINO. ``split`` (OpenVINO): run the preprocess, backbone and heads
     graphs (default: for bf16, where the export has them); ``False`` runs the whole graph,
-    in bf16 in OpenVINO's own arrangement (for comparison)."""
+    in bf16 in OpenVINO's own arrangement (for comparison). ``precision`` "auto" is bf16 in
+    OpenVINO on a CPU with native bf16, float32 elsewhere; "bf16" on a CPU without it raises
+    ``backbones.machine.PrecisionUnavailable``."""
     directory = Path(directory)
     info = ExportInfo.load(directory)
     fmt = info.format
     runtime = runtime or {"onnx": "onnxruntime", "openvino": "openvino",
                           "torchscript": "torch"}[fmt]
     if runtime == "onnxruntime" and fmt == "onnx":
-        if precision != "fp32":
+        if precision not in ("fp32", "auto"):
             raise ValueError("the onnxruntime runtime runs float32 only; bf16 is for the torch "
                              "and openvino runtimes")
         return OnnxRuntimeModel(directory, info, threads=threads)
@@ -224,6 +226,9 @@ def load_exported(directory: Path, runtime: Optional[str] = None, *,
         return OpenVINOModel(directory, info, precision=precision, threads=threads,
                              split=split)
     if runtime == "torch" and fmt == "torchscript":
+        if precision not in ("fp32", "auto"):
+            raise ValueError("a TorchScript export runs in the precision it was exported in "
+                             "(float32)")
         return TorchScriptModel(directory, info)
     raise ValueError(f"{directory} holds a {fmt} export, which the {runtime!r} runtime does "
                      "not run (onnx: onnxruntime or openvino; openvino: openvino; "

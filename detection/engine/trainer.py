@@ -28,6 +28,8 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
+from backbones.machine import BF16_FLAGS, bf16_runs_natively, describe
+
 from . import distributed as du
 from .checkpoint import Checkpointer, get_rng_state, set_rng_state
 from .events import MetricsWriter
@@ -97,8 +99,7 @@ def amp_dtype(device: torch.device) -> Optional[torch.dtype]:
     range); None where autocast would not pay (a CPU without bf16 units emulates it)."""
     if device.type == "cuda":
         return torch.float16
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() \
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device.type == "cpu" and bf16_runs_natively("cpu"):
         return torch.bfloat16
     return None
 
@@ -133,8 +134,8 @@ class Trainer:
         self.amp = self.amp_dtype is not None
         if amp and not self.amp:
             logger.warning("SOLVER.AMP.ENABLED is ignored on %s: autocast needs CUDA (float16) "
-                           "or a CPU with native bf16 (avx512_bf16 or AMX); training in float32",
-                           self.device.type)
+                           "or a CPU with native bf16 (one of %s; %s); training in float32",
+                           self.device.type, ", ".join(BF16_FLAGS), describe())
         if amp and self.amp_dtype == torch.bfloat16:
             logger.info("SOLVER.AMP.ENABLED on CPU: convolutions and matrix products in bf16 "
                         "(torch.autocast), parameters, optimizer and losses in float32")

@@ -11,7 +11,7 @@ from backbones.fpn import ConvNorm
 from backbones.fused import FusedConv2d, FusedLinear, fuse_conv_relu, use_winograd
 
 from .metadata import Metadata
-from .precision import Cast, RefinedRPNHead, check_precision
+from .precision import Cast, RefinedRPNHead, check_precision, model_device
 from .preprocess import Preprocessor, as_model_input, detector_inputs, in_input_pixels
 from .roi_heads import StandardROIHeads
 from .rpn import RPN
@@ -79,7 +79,8 @@ class GeneralizedRCNN(nn.Module):
         pixels or more (``backbones.winograd``; the mask head's 14x14 RoIs stay direct).
         Inference only:
         the folded model cannot train its norms any more. Returns the model."""
-        dtype = check_precision(precision)
+        dtype = check_precision(precision, model_device(self))
+        precision = "bf16" if dtype == torch.bfloat16 else "fp32"
         self.eval()
         fold_frozen_batchnorm(self)
         for module in self.modules():

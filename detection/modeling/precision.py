@@ -39,12 +39,13 @@ moves with the model by more than the bar's margin.
 """
 
 import copy
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-PRECISIONS = ("fp32", "bf16")
+from backbones.machine import require_precision
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -83,10 +84,15 @@ def run_in(module: nn.Module, dtype: torch.dtype, *, output_dtype: torch.dtype) 
     return Cast(module.to(dtype), input_dtype=dtype, output_dtype=output_dtype)
 
 
-def check_precision(precision: str) -> torch.dtype:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return DTYPES[precision]
+def check_precision(precision: str, device: Union[str, torch.device] = "cpu") -> torch.dtype:
+    """The dtype a model's backbone runs in at ``precision`` ("fp32", "bf16" or "auto": bf16
+    where ``device`` has it natively) on ``device``. bf16 where it is not native raises
+    ``backbones.machine.PrecisionUnavailable``, naming the missing CPU flags."""
+    return DTYPES[require_precision(precision, str(device))]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def low_precision_parts(model: nn.Module) -> Sequence[str]:

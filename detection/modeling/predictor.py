@@ -6,6 +6,7 @@ type.
     result = predict(model, "street.jpg")   # boxes (N, 4) in image pixels, scores, names
 """
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -18,6 +19,8 @@ from torch import Tensor
 from .faster_rcnn import GeneralizedRCNN
 from .metadata import Metadata
 from .zoo import get_detector_weights, list_detector_weights
+
+logger = logging.getLogger(__name__)
 
 ImageLike = Union[str, os.PathLike, Tensor, np.ndarray, Any]
 
@@ -60,7 +63,7 @@ def read_weights(weights: str) -> Mapping[str, Any]:
 
 def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] = None, *,
                device: str = "cpu", optimize: bool = True, runtime: str = "torch",
-               precision: str = "fp32") -> Any:
+               precision: str = "auto") -> Any:
     """Build the detector of ``config`` (a YAML path, a CfgNode or a zoo name) and load
     ``weights`` (zoo name, URL or path; default ``MODEL.WEIGHTS``), in torchvision's,
     detectron2's or our format. Returns it in eval mode, with frozen BatchNorm folded into
@@ -70,7 +73,11 @@ def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] 
     cached under ``~/.cache/detkit/exported``) and returns it running in that runtime, with
     the same call convention and ``predict``. ``config`` may also be a directory written by
     ``tools/export_model.py``. ``precision`` "bf16" runs the convolutions in bf16 (torch and
-    openvino runtimes) and keeps boxes, scores and NMS in float32."""
+    openvino runtimes) and keeps boxes, scores and NMS in float32; it needs native bf16
+    (``backbones.machine``). "auto" (the default) is bf16 where the device has it natively
+    and float32 elsewhere, and always float32 with ``optimize=False`` or onnxruntime; the
+    log says which runs. Evaluation and submission ask for "fp32" unless told otherwise."""
+    from backbones.machine import require_precision
     from detection.deploy import RUNTIMES, load_exported, require
 
     if runtime not in RUNTIMES:
@@ -101,6 +108,10 @@ def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] 
         from detection.deploy import export_cached
 
         return export_cached(model, cfg, weights, runtime=runtime, precision=precision)
+    asked = precision
+    if precision == "auto":  # bf16 only where native, and where the model has a bf16 mode
+        precision = require_precision("auto", device) \
+            if optimize and hasattr(model, "optimize_for_inference") else "fp32"
     if not hasattr(model, "optimize_for_inference"):
         if precision != "fp32":
             raise ValueError(f"precision {precision!r} is for detectors; a "
@@ -109,6 +120,8 @@ def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] 
         model.optimize_for_inference(precision=precision)
     elif precision != "fp32":
         raise ValueError(f"precision {precision!r} needs optimize=True")
+    logger.info("Inference in %s%s on %s", getattr(model, "precision", "fp32"),
+                f" (asked: {asked})" if asked != precision else "", device)
     return model
 
 

@@ -36,7 +36,7 @@ from .box_ops import (
 )
 from .matcher import BACKGROUND, FOREGROUND, ATSSMatcher, Matcher
 from .metadata import Metadata
-from .precision import Cast, check_precision
+from .precision import Cast, check_precision, model_device
 from .preprocess import Preprocessor, detector_inputs, in_input_pixels
 from .structures import Detections
 from .tracing import is_tracing, min_size
@@ -331,7 +331,8 @@ class RetinaNet(nn.Module):
         on CPU, F(6x6, 3x3) on maps of 10,000 pixels or more (``backbones.winograd``).
         ``precision`` "bf16" runs the backbone in bf16 and the head, anchors, decoding and NMS
         in float32. Inference only. Returns the model."""
-        dtype = check_precision(precision)
+        dtype = check_precision(precision, model_device(self))
+        precision = "bf16" if dtype == torch.bfloat16 else "fp32"
         self.eval()
         fold_frozen_batchnorm(self)
         for module in self.backbone.modules():

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from backbones.fused import FusedConv2d
 from detection.modeling.faster_rcnn import GeneralizedRCNN
-from detection.modeling.precision import check_precision, run_in
+from detection.modeling.precision import run_in
 from detection.modeling.preprocess import Preprocessor
 
 from .paste import PASTE_MODES, paste_masks
@@ -79,7 +79,7 @@ class MaskRCNN(GeneralizedRCNN):
         """As the detector's; with "bf16" the mask head's convs and deconvolution run in bf16
         too, its per-class predictor in float32 (RoIAlign hands them float32 features)."""
         super().optimize_for_inference(channels_last, fuse, precision, winograd)
-        dtype = check_precision(precision)
+        dtype = self._input_dtype  # the precision as the detector resolved it
         for conv in self.roi_heads.mask_head.convs:  # each ReLU inside its fused conv
             if isinstance(conv.conv, FusedConv2d) and isinstance(conv.norm, nn.Identity):
                 conv.conv.relu = conv.conv.fused_relu = True

@@ -14,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from backbones.machine import parse_cpuinfo, simulate_cpu
 from detection.config import load_config
 from detection.data import shapes
 from detection.engine import runner
@@ -137,8 +138,7 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(tiny_da
     assert not (tmp_path / "model_final.pth").exists()
 
 
-def test_amp_on_cpu_trains_in_bf16_autocast_with_float32_weights(tiny_data, tmp_path,
-                                                                  monkeypatch, caplog):
+def test_amp_on_cpu_trains_in_bf16_autocast_with_float32_weights(tiny_data, tmp_path, caplog):
     """SOLVER.AMP.ENABLED on a CPU: torch.autocast in bf16 (no GradScaler), so the convs
     run in bf16 while parameters, gradients and the losses stay float32; on a CPU without
     native bf16 it is ignored with a warning."""
@@ -167,8 +167,9 @@ def test_amp_on_cpu_trains_in_bf16_autocast_with_float32_weights(tiny_data, tmp_
         grads = [p.grad.dtype for p in m.parameters() if p.grad is not None]
         return t, values, dtypes, grads, m
 
-    with monkeypatch.context() as patch, caplog.at_level("WARNING"):
-        patch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # no bf16 path
+    avx2 = parse_cpuinfo((Path(__file__).parents[1] / "backbones" / "data"
+                          / "cpuinfo_amd_epyc_zen3_avx2.txt").read_text())
+    with simulate_cpu(avx2), caplog.at_level("WARNING"):  # no native bf16
         t, _, d, _, _ = step(True)
     assert not t.amp and d == [torch.float32]
     assert "SOLVER.AMP.ENABLED is ignored on cpu" in caplog.text

@@ -116,7 +116,8 @@ def test_no_detections_gives_empty_outputs(tmp_path):
     with torch.no_grad():
         assert model([image])[0]["boxes"].shape == (0, 4)
     for deployed in (load_exported(tmp_path / "onnx"), load_exported(tmp_path / "onnx", "openvino"),
-                     load_exported(tmp_path / "onnx", "openvino", precision="bf16"),
+                     # bf16's split graphs where the CPU has native bf16
+                     load_exported(tmp_path / "onnx", "openvino", precision="auto"),
                      load_exported(tmp_path / "ts")):
         out = deployed([image])[0]
         assert out["boxes"].shape == (0, 4), deployed

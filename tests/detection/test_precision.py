@@ -1,14 +1,20 @@
 """bf16 inference keeps a trained detector's detections: in torch at least 99% of float32's
 detections come back with the same label, IoU > 0.95 and a score within 0.02 (detections
 within that tolerance of the 0.05 threshold excepted), while the heads, boxes, scores and NMS
-stay in float32. OpenVINO's bf16 keeps its graph tail in float32."""
+stay in float32. OpenVINO's bf16 keeps its graph tail in float32. On a CPU without native bf16
+those tests skip, and bf16 is refused there with the toolkit's error (checked on simulated
+CPUs from real /proc/cpuinfo files, so that every machine runs the refusal)."""
 
 import copy
+import logging
+from pathlib import Path
 
 import pytest
 import torch
 from torchvision.ops import box_iou
 
+from backbones import machine
+from backbones.machine import PrecisionUnavailable, parse_cpuinfo, simulate_cpu
 from detection.deploy import export_model, load_exported
 from detection.deploy.agreement import compare_detections
 from detection.engine.loading import build_model_from_cfg
@@ -17,6 +23,14 @@ from detection.modeling.rpn import RPNHead
 from segmentation.config import load_config
 
 SIZE = 160
+REPO = Path(__file__).resolve().parents[2]
+CPUINFO = REPO / "tests" / "backbones" / "data"
+AVX2_CPU = parse_cpuinfo((CPUINFO / "cpuinfo_amd_epyc_zen3_avx2.txt").read_text())
+AMX_CPU = parse_cpuinfo((CPUINFO / "cpuinfo_intel_xeon_sapphire_rapids_amx.txt").read_text())
+needs_native_bf16 = pytest.mark.skipif(
+    not machine.bf16_runs_natively("cpu"),
+    reason="bf16 is not native on this CPU (needs avx512_bf16, amx_bf16 or avx_ne_convert): "
+           + machine.describe())
 COLORS = torch.tensor([[230.0, 40, 40], [40, 230, 40], [40, 40, 230], [230, 230, 40]])
 
 
@@ -65,6 +79,7 @@ def trained():
     return model.eval()
 
 
+@needs_native_bf16
 def test_bf16_keeps_detections_in_torch(trained):
     fp32 = copy.deepcopy(trained).optimize_for_inference(precision="fp32")
     bf16 = copy.deepcopy(trained).optimize_for_inference(precision="bf16")
@@ -88,6 +103,7 @@ def test_bf16_keeps_detections_in_torch(trained):
     assert total >= 16 and matched / total >= 0.99, (matched, total)
 
 
+@needs_native_bf16
 def test_proposals_of_a_bf16_model(trained):
     """``proposals()`` takes the input dtype the bf16 backbone runs in (it used to feed it
     float32 and fail), and gives float32's proposals up to bf16's error."""
@@ -148,6 +164,7 @@ def _agreement(reference, candidate, images):
     return matched, total
 
 
+@needs_native_bf16
 def test_openvino_bf16_keeps_detections(trained, tmp_path):
     """An OpenVINO IR export holds preprocess, backbone and heads graphs too; the openvino
     runtime's bf16 compiles the backbone in bf16, the preprocessing and heads in float32,
@@ -172,6 +189,7 @@ def test_openvino_bf16_keeps_detections(trained, tmp_path):
     assert total >= 16 and matched / total >= 0.98, (matched, total)
 
 
+@needs_native_bf16
 def test_openvino_default_bf16_keeps_the_graph_tail_in_float32(trained, tmp_path, caplog):
     """OpenVINO's own bf16 (an ONNX export without the split graphs) runs every convolution
     and fully connected layer in bf16 (the RPN head and the box head too), and keeps the
@@ -191,3 +209,53 @@ def test_openvino_default_bf16_keeps_the_graph_tail_in_float32(trained, tmp_path
     images, _ = shapes(8, seed=1)
     matched, total = _agreement(f32, bf16, images)
     assert total >= 16 and matched / total >= 0.75, (matched, total)
+
+
+@pytest.fixture
+def tiny_detector():
+    """The shapes default's R18-FPN Faster R-CNN, untrained, in eval mode."""
+    from detection.engine.loading import build_model_from_cfg
+    from segmentation.config import load_config
+
+    torch.manual_seed(0)
+    return build_model_from_cfg(load_config("faster_rcnn_r18_fpn_shapes.yaml")).eval()
+
+
+def test_optimize_for_inference_refuses_bf16_on_a_cpu_without_it(tiny_detector):
+    with simulate_cpu(AVX2_CPU):
+        with pytest.raises(PrecisionUnavailable, match="avx512_bf16"):
+            tiny_detector.optimize_for_inference(precision="bf16")
+        model = tiny_detector.optimize_for_inference(precision="auto")
+    assert model.precision == "fp32"
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_simulated_bf16_cpu_makes_auto_pick_bf16_in_the_model(tiny_detector):
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no oneDNN bf16 kernels to run the bf16 model with")
+    with simulate_cpu(AMX_CPU):
+        model = tiny_detector.optimize_for_inference(precision="auto")
+    assert model.precision == "bf16"
+    assert {p.dtype for p in model.backbone.parameters()} == {torch.bfloat16}
+
+
+def test_load_model_auto_runs_float32_without_native_bf16_and_says_so(caplog):
+    from detection.modeling.predictor import load_model
+
+    config = str(REPO / "configs" / "faster_rcnn_r18_fpn_shapes.yaml")
+    with simulate_cpu(AVX2_CPU), caplog.at_level(logging.INFO):
+        model = load_model(config)  # precision="auto"
+        with pytest.raises(PrecisionUnavailable, match="AMD EPYC"):
+            load_model(config, precision="bf16")
+    assert model.precision == "fp32"
+    assert "Inference in fp32 (asked: auto)" in caplog.text
+
+
+def test_openvino_bf16_refused_without_native_bf16(tiny_detector, tmp_path):
+    pytest.importorskip("openvino")
+    export_model(tiny_detector, tmp_path, "onnx")
+    with simulate_cpu(AVX2_CPU):
+        with pytest.raises(PrecisionUnavailable, match="for OpenVINO"):
+            load_exported(tmp_path, "openvino", precision="bf16")
+        assert load_exported(tmp_path, "openvino", precision="auto").precision == "fp32"
+        assert load_exported(tmp_path, "onnxruntime", precision="auto").precision == "fp32"
