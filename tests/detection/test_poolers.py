@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
-from detection.modeling.poolers import ROIPooler, roi_align_gathered
+from detection.modeling.poolers import ROIPooler, roi_align_gathered, roi_align_trainable
 
 
 def random_rois(n: int, h: int, w: int, stride: float, generator: torch.Generator) -> torch.Tensor:
@@ -76,8 +76,39 @@ def test_pooler_matches_torchvision_multiscale():
     leaf = [f.detach().requires_grad_() for f in feats]
     trained = pooler(leaf, boxes)
     torch.testing.assert_close(trained.detach(), expected, rtol=1e-5, atol=1e-5)
-    trained.sum().backward()
+    weights = torch.randn(trained.shape, generator=g)
+    (trained * weights).sum().backward()
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in leaf)
+    # the same gradients as torchvision's pooler's
+    ref_leaf = [f.detach().requires_grad_() for f in feats]
+    (ref({str(i): f for i, f in enumerate(ref_leaf)}, boxes, [(512, 640)] * 2)
+     * weights).sum().backward()
+    for ours, theirs in zip(leaf, ref_leaf):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [0, 2, 3])
+@pytest.mark.parametrize("size", [(37, 53), (9, 14)])
+def test_training_backward_matches_torchvision(aligned, sampling_ratio, size):
+    """The CPU training kernel's gradient (``roi_align_gathered_backward``) against
+    torchvision's backward, in float64 (the same sums in another order), on boxes of every
+    kind: inside, across and beyond the border, degenerate; both image indices."""
+    g = torch.Generator().manual_seed(sampling_ratio * 10 + aligned + 100)
+    h, w = size
+    feature = torch.randn(2, 24, h, w, generator=g, dtype=torch.float64)
+    rois = random_rois(120, h, w, 8.0, g).double()
+    upstream = torch.randn(120, 24, 7, 7, generator=g, dtype=torch.float64)
+    grads = []
+    for kernel in (roi_align, roi_align_trainable):
+        leaf = feature.clone().requires_grad_()
+        out = kernel(leaf, rois, (7, 7), 1 / 8, sampling_ratio, aligned)
+        (out * upstream).sum().backward()
+        grads.append(leaf.grad)
+    expected, got = grads
+    assert got.shape == expected.shape and got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert float(expected.abs().gt(0).float().mean()) > 0.3  # not a comparison of zeros
 
 
 def test_empty_rois():
