@@ -16,11 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import converted, timing_args  # noqa: E402
+from common import converted, freeze_like_pretrained, timing_args  # noqa: E402
 from torchvision.models.detection import fasterrcnn_resnet50_fpn  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 
-from backbones import freeze_batchnorm  # noqa: E402
 from detection.modeling.calibration import calibrate_batchnorm, textured_image  # noqa: E402
 from detection.modeling.convert import torchvision_to_ours  # noqa: E402
 
@@ -119,9 +118,7 @@ def main() -> None:
         print(f"  fvcore count failed: {err}")
 
     # One training step (forward + backward + SGD), same targets, FrozenBN, freeze_at 2.
-    ref_t = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
-                                    trainable_backbone_layers=3)
-    freeze_batchnorm(ref_t.backbone.body)  # as torchvision builds it with pretrained weights
+    ref_t = freeze_like_pretrained(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None))
     ours_t = ours_from(ref_t)
     targets = [{"boxes": torch.tensor([[100.0, 120, 400, 500], [600, 200, 900, 700]]),
                 "labels": torch.tensor([1, 18])}]

@@ -31,6 +31,18 @@ def timing_args(parser: Optional[argparse.ArgumentParser] = None) -> argparse.Na
     return args
 
 
+def freeze_like_pretrained(ref: torch.nn.Module) -> torch.nn.Module:
+    """torchvision's detector as ``trainable_backbone_layers=3`` builds it with pretrained
+    weights (it ignores the argument without them): FrozenBN, the stem and layer1 frozen."""
+    from backbones import freeze_batchnorm
+
+    freeze_batchnorm(ref.backbone.body)
+    for name, p in ref.backbone.body.named_parameters():
+        if not name.startswith(("layer2", "layer3", "layer4")):
+            p.requires_grad_(False)
+    return ref
+
+
 def converted(ref: torch.nn.Module, config: str,
               convert: Callable[[dict], dict]) -> torch.nn.Module:
     """Our model of ``configs/<config>`` (no pretrained backbone), in eval mode, holding
