@@ -25,11 +25,12 @@ setup(
         "safetensors",
     ],
     extras_require={
-        # exporting (ONNX, OpenVINO IR) and running exports: load_model(..., runtime=...)
-        "deploy": ["onnx>=1.15", "onnxruntime>=1.17", "openvino>=2024.0"],
+        # exporting (ONNX, OpenVINO IR) and running exports: load_model(..., runtime=...);
+        # nncf (OpenVINO's own post-training quantizer) for int8 exports
+        "deploy": ["onnx>=1.15", "onnxruntime>=1.17", "openvino>=2024.0", "nncf>=2.14"],
         # tests: the deploy runtimes too, hypothesis for the fuzz tests, timm for the
         # resnet50d parity test
         "dev": ["pytest>=7", "ruff", "hypothesis>=6", "timm>=0.9",
-                "onnx>=1.15", "onnxruntime>=1.17", "openvino>=2024.0"],
+                "onnx>=1.15", "onnxruntime>=1.17", "openvino>=2024.0", "nncf>=2.14"],
     },
 )

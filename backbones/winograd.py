@@ -23,7 +23,7 @@ run, at 64 channels 1.6-2.5x, so it is used from 256 input and output channels o
 (``python benchmarks/bench_winograd.py``). F(6x6) took 0.80-0.85x F(4x4)'s time at 200x272
 and 100x136, 0.93-0.97x at 50x68, more at 25x34 and below (its larger output transform and
 edge tiles eat the products saved), so ``FusedConv2d`` runs it on maps of at least
-``F6_MIN_PIXELS`` (2026-12-03, eleventh session). The round-off is larger than the direct
+``F6_MIN_PIXELS``. The round-off is larger than the direct
 convolution's (F(4x4) about 4x here, 5e-5 against 1.5e-5 on outputs of unit scale; F(6x6)
 1.3-1.7x F(4x4)'s, with the interpolation points 0, +-1, +-2, +-1/2), still float32
 round-off: detections agree with the direct model to the parity tests' tolerances.

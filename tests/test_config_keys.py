@@ -22,10 +22,6 @@ from detection.engine.train_net import train
 from segmentation.config import get_cfg, load_config
 from segmentation.panoptic import ensure_panoptic_shapes, register_coco_panoptic
 
-# Keys that work in progress elsewhere reads (the lead's inference runtimes). Remove each entry
-# when its reader lands; the test fails if a listed key is read already.
-CONNECTED_BY_WORK_IN_PROGRESS: dict[str, str] = {}
-
 READ: set[str] = set()
 
 
@@ -157,13 +153,10 @@ def keys_read(shapes, tmp_path_factory):
 @pytest.mark.slow
 def test_every_default_key_is_read_or_kept_on_purpose(keys_read):
     every = leaf_keys(get_cfg())
-    allowed = set(KEYS_KEPT_FOR_COMPATIBILITY) | set(CONNECTED_BY_WORK_IN_PROGRESS)
+    allowed = set(KEYS_KEPT_FOR_COMPATIBILITY)
     unread = sorted(every - keys_read - allowed)
     assert not unread, f"config keys that no code path reads: {unread}"
-    # the lists hold keys of the tree only, and a key in progress is not read yet
-    assert allowed <= every, sorted(allowed - every)
-    done = sorted(set(CONNECTED_BY_WORK_IN_PROGRESS) & keys_read)
-    assert not done, f"now read: remove from CONNECTED_BY_WORK_IN_PROGRESS: {done}"
+    assert allowed <= every, sorted(allowed - every)  # the list holds keys of the tree only
 
 
 def test_the_recorder_sees_reads_through_attributes_items_get_and_clones():

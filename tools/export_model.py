@@ -16,6 +16,13 @@ agreement (also stored in OUTPUT/export.json).
 OpenVINO IR exports (and ONNX ones with --split) also hold the model as three graphs, preprocess,
 backbone and heads, so that `--runtime openvino --precision bf16` runs the backbone in bf16 and the
 heads in float32 (OpenVINO's own bf16 would run the heads in bf16 too and lose detections).
+
+`--precision int8` also quantizes the backbone graph to int8 with NNCF, calibrated on
+`--calibration-images` images of the config's training set, for CPUs without native bf16
+(`--runtime openvino --precision int8` runs it; the heads stay float32):
+
+    python tools/export_model.py --weights output/faster_rcnn_r18_fpn_shapes/model_final.pth \
+        --format openvino --precision int8 --calibration-images 300 --output exported/int8
 """
 
 import argparse
@@ -23,6 +30,7 @@ import sys
 from pathlib import Path
 
 from detection.deploy import FORMATS, check_export, export_model
+from detection.deploy.quantize import calibration_images, quantize_export
 from detection.engine.loading import inference_config
 from detection.modeling.predictor import load_model
 from segmentation.config import get_cfg  # the full tree; registers segmentation's models
@@ -42,13 +50,19 @@ def main(argv=None) -> int:
                              "(default for openvino)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip running the export against the eager model")
+    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                        help="int8: also quantize the backbone graph (NNCF, OpenVINO)")
+    parser.add_argument("--calibration-images", type=int, default=300, metavar="N",
+                        help="int8: images of DATASETS.TRAIN to calibrate on")
     args = parser.parse_args(argv)
+    if args.precision == "int8" and args.format == "torchscript":
+        parser.error("--precision int8 needs --format openvino (or onnx)")
 
     cfg = inference_config(args.config, args.weights, cfg=get_cfg())
     model = load_model(cfg, args.weights, optimize=False)
     info = export_model(model, args.output, args.format, trace_size=tuple(args.trace_size),
                         source={"weights": args.weights, "config": args.config or ""},
-                        split=args.split)
+                        split=args.split or args.precision == "int8")
     print(f"wrote {args.output / info.model_file} ({args.format}; outputs "
           f"{', '.join(info.outputs)}; {len(info.class_names)} classes)")
     if info.parts:
@@ -62,6 +76,11 @@ def main(argv=None) -> int:
             print("warning: the export reproduces fewer than 99% of the eager detections",
                   file=sys.stderr)
             return 1
+    if args.precision == "int8":
+        images = calibration_images(cfg, args.calibration_images)
+        path = quantize_export(args.output, images)
+        print(f"int8 backbone: {path} (calibrated on {len(images)} images of "
+              f"{cfg.DATASETS.TRAIN[0]}); run it with --runtime openvino --precision int8")
     return 0
 
 

@@ -18,9 +18,10 @@ def add_runtime_arguments(parser: Any, when: str = "",
     parser.add_argument("--runtime", choices=RUNTIMES, default=None,
                         help=f"{when}inference runtime (default: the config's TEST.RUNTIME, "
                              "torch)")
-    parser.add_argument("--precision", choices=(*PRECISIONS, "auto"), default=None,
-                        help=f"{when}fp32, bf16 (CPUs with native bf16 only) or auto (bf16 "
-                             "where native, else fp32); default: " + default_precision)
+    parser.add_argument("--precision", choices=(*PRECISIONS, "auto", "int8"), default=None,
+                        help=f"{when}fp32, bf16 (CPUs with native bf16 only), auto (bf16 "
+                             "where native, else fp32) or int8 (--runtime openvino, an export "
+                             "made with --precision int8); default: " + default_precision)
 
 
 def retain_memory_for_inference(cfg: Optional[Any]) -> bool:

@@ -107,11 +107,17 @@ class OpenVINOModel(DeployedModel):
     ONNX file exported without ``split``), bf16 is OpenVINO's own: every convolution and
     fully connected layer in bf16, only the graph tail after the last of them in float32; it
     loses detections (86-87% kept on the trained shapes default), and a warning says so.
-    ``arrangement`` names which one runs."""
+    int8 runs the split graphs with the backbone quantized by ``quantize.py``
+    (``backbone_int8``), the preprocessing and heads in float32; it needs an export made with
+    ``tools/export_model.py --precision int8``. ``arrangement`` names which one runs."""
 
     def __init__(self, directory: Path, info: ExportInfo, *, precision: str = "fp32",
                  threads: int = 0, split: Optional[bool] = None) -> None:
-        precision = require_precision(precision, what="OpenVINO")  # "auto" resolved
+        if precision != "int8":
+            precision = require_precision(precision, what="OpenVINO")  # "auto" resolved
+        elif "backbone_int8" not in info.parts:
+            raise ValueError(f"{directory} has no int8 backbone: export it with "
+                             "tools/export_model.py --format openvino --precision int8")
         super().__init__(info, "openvino", precision)
         ov = require("openvino")
         core = ov.Core()
@@ -128,11 +134,13 @@ class OpenVINOModel(DeployedModel):
         if split and not info.parts:
             raise ValueError(f"{directory} has no split graphs (export with --format "
                              "openvino, or --split)")
-        if info.parts and (split or (split is None and precision == "bf16")):
-            hint = "f32" if precision == "fp32" else "bf16"
-            self.arrangement = f"split: backbone {hint}, preprocess and heads f32"
+        if info.parts and (split or (split is None and precision in ("bf16", "int8"))):
+            hint = "bf16" if precision == "bf16" else "f32"
+            backbone = info.parts["backbone_int8" if precision == "int8" else "backbone"]
+            self.arrangement = (f"split: backbone {precision if precision == 'int8' else hint}"
+                                ", preprocess and heads f32")
             self.stages = [compile_(info.parts["preprocess"], "f32"),
-                           compile_(info.parts["backbone"], hint),
+                           compile_(backbone, hint),
                            compile_(info.parts["heads"], "f32")]
             self._requests = [c.create_infer_request() for c in self.stages]
             return
@@ -220,7 +228,7 @@ def load_exported(directory: Path, runtime: Optional[str] = None, *,
     if runtime == "onnxruntime" and fmt == "onnx":
         if precision not in ("fp32", "auto"):
             raise ValueError("the onnxruntime runtime runs float32 only; bf16 is for the torch "
-                             "and openvino runtimes")
+                             "and openvino runtimes, int8 for openvino")
         return OnnxRuntimeModel(directory, info, threads=threads)
     if runtime == "openvino" and fmt in ("onnx", "openvino"):
         return OpenVINOModel(directory, info, precision=precision, threads=threads,

@@ -66,3 +66,25 @@ def test_fused_conv_add_relu_and_linear():
     x.requires_grad_(True)
     FusedConv2d(conv, relu=True)(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_bf16_fused_conv_runs_on_every_cpu():
+    """A bf16 ``FusedConv2d`` takes oneDNN's fused bf16 kernel where the CPU has one and the
+    plain bf16 conv elsewhere (oneDNN refuses bf16 convolutions on AVX2-only CPUs with an
+    error); both give the conv, add and ReLU in bf16."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+    fused = FusedConv2d(conv, relu=True).to(torch.bfloat16)
+    x = torch.randn(2, 16, 12, 10).to(torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    other = torch.randn(2, 16, 12, 10).to(torch.bfloat16)
+    w, b = conv.weight.detach().to(torch.bfloat16), conv.bias.detach().to(torch.bfloat16)
+    with torch.no_grad():
+        got, got_add = fused(x), fused(x, other)
+        want = F.relu(F.conv2d(x, w, b, padding=1))
+        want_add = F.relu(F.conv2d(x, w, b, padding=1) + other)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(got_add.float(), want_add.float(), rtol=2e-2, atol=5e-2)

@@ -259,3 +259,42 @@ def test_openvino_bf16_refused_without_native_bf16(tiny_detector, tmp_path):
             load_exported(tmp_path, "openvino", precision="bf16")
         assert load_exported(tmp_path, "openvino", precision="auto").precision == "fp32"
         assert load_exported(tmp_path, "onnxruntime", precision="auto").precision == "fp32"
+
+
+def test_openvino_int8_keeps_detections(trained, tmp_path):
+    """The backbone graph quantized to int8 by NNCF (calibrated on training images; the stem
+    and res2 left in float32), the preprocessing and heads in float32. int8 moves detections
+    more than bf16: on 16 held-out images of this briefly trained model at least 85% of
+    float32's detections come back with the same label, IoU > 0.8 and a score within 0.1
+    (measured: 92%), and at least 70% at the bf16 bar, IoU > 0.95 and a score within 0.02
+    (measured: 83%; 92% on the trained shapes default, whose box AP it keeps:
+    docs/benchmarks.md)."""
+    pytest.importorskip("openvino", reason="int8 runs in OpenVINO: pip install openvino")
+    pytest.importorskip("nncf", reason="int8 quantization needs NNCF: pip install nncf")
+    from detection.deploy.quantize import quantize_export
+
+    export_model(trained, tmp_path, "openvino")
+    calibration, _ = shapes(32, seed=0)  # the training images
+    quantize_export(tmp_path, calibration)
+    f32 = load_exported(tmp_path, "openvino", precision="fp32")
+    int8 = load_exported(tmp_path, "openvino", precision="int8")
+    assert int8.arrangement.startswith("split: backbone int8")
+    _, backbone, heads = int8.stage_precisions()
+    convs = backbone["Convolution"]
+    assert convs.get("i8", 0) + convs.get("u8", 0) >= 10 and convs.get("f32", 0) >= 5, convs
+    for kind in ("FullyConnected", "ROIAlign", "Softmax", "TopK"):
+        if kind in heads:
+            assert set(heads[kind]) == {"f32"}, (kind, heads[kind])
+    images, _ = shapes(16, seed=1)
+    strict = loose = total = 0
+    with torch.inference_mode():
+        for img in images:
+            ref, got = f32([img])[0], int8([img])[0]
+            a = compare_detections(ref, got, iou=0.95, score_tol=0.02, min_score=0.07)
+            strict, total = strict + a.matched, total + a.reference
+            loose += compare_detections(ref, got, iou=0.8, score_tol=0.1, min_score=0.07).matched
+    assert total >= 16 and loose / total >= 0.85 and strict / total >= 0.7, (
+        strict, loose, total)
+    export_model(trained, tmp_path / "plain", "openvino")
+    with pytest.raises(ValueError, match="no int8 backbone"):
+        load_exported(tmp_path / "plain", "openvino", precision="int8")
