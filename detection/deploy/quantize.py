@@ -63,6 +63,7 @@ def quantize_export(directory: Union[str, Path], images: Iterable[torch.Tensor],
     import openvino as ov
 
     nncf = require_nncf()
+    logging.getLogger("nncf").setLevel(logging.WARNING)  # its per-node notes
     directory = Path(directory)
     info = ExportInfo.load(directory)
     if not info.parts:
