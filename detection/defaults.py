@@ -156,6 +156,9 @@ def _solver() -> CfgNode:
     s.WARMUP_FACTOR = 0.001
     s.WARMUP_METHOD = "linear"
     s.CHECKPOINT_PERIOD = 5000
+    # Periodic checkpoints kept in OUTPUT_DIR, the newest ones (detectron2's PeriodicCheckpointer
+    # max_to_keep); 0 keeps them all. model_final.pth is never removed.
+    s.MAX_TO_KEEP = 0
     s.LOG_PERIOD = 20  # iterations between console / metrics.json lines
     s.CLIP_GRADIENTS = CfgNode()
     s.CLIP_GRADIENTS.ENABLED = False

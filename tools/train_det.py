@@ -19,7 +19,7 @@ from pathlib import Path
 from detection.deploy.loading import add_runtime_arguments, load_for_evaluation
 from detection.engine import distributed as du
 from detection.engine.evaluation import evaluate
-from detection.engine.loading import attach_dataset_metadata
+from detection.engine.loading import attach_evaluation_metadata
 from detection.engine.result_tables import format_ap_table
 from detection.engine.run_setup import setup_logging
 from detection.engine.train_net import train
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.opts + overrides)
     setup_logging(Path(cfg.OUTPUT_DIR))
     if args.eval_only:
-        attach_dataset_metadata(cfg)
+        attach_evaluation_metadata(cfg)  # the checkpoint's or the test set's classes
         model = load_for_evaluation(cfg)  # TEST.RUNTIME, TEST.PRECISION
         results = evaluate(cfg, model)
     else:

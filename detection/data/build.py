@@ -122,11 +122,17 @@ def check_report(cfg: Any, records: list[dict], names: Sequence[str] = (), *,
     return report
 
 
+def use_datasets_root(cfg: Any) -> None:
+    """``DATASETS.ROOT``, when set, as the root of the built-in datasets: called before
+    anything reads a dataset or its metadata (training, evaluation, the data check)."""
+    if cfg.DATASETS.ROOT:
+        set_datasets_root(cfg.DATASETS.ROOT)
+
+
 def check_datasets(cfg: Any, names: Sequence[str], *, mode: str | None = None
                    ) -> dict[str, DataReport]:
     """Load and check each named dataset (tools/check_data.py); one report per name."""
-    if cfg.DATASETS.ROOT:
-        set_datasets_root(cfg.DATASETS.ROOT)
+    use_datasets_root(cfg)
     return {n: check_report(cfg, get_dataset_records(n, filter_empty=False), [n], mode=mode)
             for n in names}
 
@@ -188,8 +194,7 @@ def build_train_loader(
     resumes the stream: batch ``start_iter`` of an uninterrupted run comes first, with the same
     augmentation (see :mod:`detection.data.samplers` and :class:`MapDataset`).
     """
-    if cfg.DATASETS.ROOT:
-        set_datasets_root(cfg.DATASETS.ROOT)
+    use_datasets_root(cfg)
     if records is None:
         names = list(cfg.DATASETS.TRAIN)
         records = checked_records(cfg, get_dataset_records(names, filter_empty=False), names)
@@ -243,8 +248,7 @@ def build_test_loader(
     and named in ``batch.unreadable``. ``loader.left_out`` names the records the data check
     left out before (the log has said why).
     """
-    if cfg.DATASETS.ROOT:
-        set_datasets_root(cfg.DATASETS.ROOT)
+    use_datasets_root(cfg)
     all_records = get_dataset_records(dataset_name, filter_empty=False)
     records = checked_records(cfg, all_records, [dataset_name])
     mapper = mapper or DatasetMapper.from_config(cfg, is_train=False)

@@ -38,9 +38,14 @@ _ROOT_OVERRIDE: str | None = None
 
 
 def set_datasets_root(root: str | os.PathLike | None) -> None:
-    """Root of the built-in COCO datasets (``cfg.DATASETS.ROOT``); None/"" restores the default."""
+    """Root of the built-in COCO datasets (``cfg.DATASETS.ROOT``); None/"" restores the default
+    (``$DETKIT_DATASETS``, else ``./datasets``). Metadata read under another root is dropped."""
     global _ROOT_OVERRIDE
-    _ROOT_OVERRIDE = os.fspath(root) if root else None
+    root = os.fspath(root) if root else None
+    if root != _ROOT_OVERRIDE:
+        for name in _METADATA_LOADERS:  # read again, from the new root, when next asked
+            _METADATA.pop(name, None)
+    _ROOT_OVERRIDE = root
 
 
 def datasets_root() -> Path:

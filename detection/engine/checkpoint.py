@@ -155,6 +155,8 @@ class Checkpointer:
         return path
 
     def _prune(self, newest: Path) -> None:
+        """Remove all but the ``keep_last`` newest periodic checkpoints (``SOLVER.MAX_TO_KEEP``;
+        0 keeps all)."""
         if self.keep_last <= 0:
             return
         periodic = sorted(self.output_dir.glob("model_[0-9]*.pth"))

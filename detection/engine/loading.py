@@ -3,6 +3,7 @@ family table, :mod:`detection.families`), ``MODEL.WEIGHTS``, the training datase
 metadata, and the config a checkpoint carries."""
 
 import logging
+from pathlib import Path
 from typing import Any, Optional
 
 from torch import nn
@@ -11,6 +12,7 @@ from detection.families import FAMILIES, get_family
 
 __all__ = [
     "attach_dataset_metadata",
+    "attach_evaluation_metadata",
     "build_model_from_cfg",
     "config_from_checkpoint",
     "inference_config",
@@ -25,9 +27,82 @@ def build_model_from_cfg(cfg: Any) -> nn.Module:
     return get_family(cfg).build(cfg)
 
 
+# The keys a family's ``attach_metadata`` fills from a dataset (class names and ids; Panoptic
+# FPN's stuff names), which a checkpoint's stored config carries too.
+METADATA_KEYS = ("MODEL.CLASS_NAMES", "MODEL.CATEGORY_IDS", "MODEL.PANOPTIC_FPN.STUFF_CLASS_NAMES")
+
+
+def _get(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        if not hasattr(node, "get") or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _copy_metadata(source: Any, cfg: Any) -> None:
+    was_frozen = cfg.is_frozen()
+    cfg.defrost()
+    for key in METADATA_KEYS:
+        value = _get(source, key)
+        *parents, leaf = key.split(".")
+        node = _get(cfg, ".".join(parents))
+        if value is not None and node is not None and leaf in node:
+            node[leaf] = value
+    if was_frozen:
+        cfg.freeze()
+
+
+def _stored_config(weights: str) -> Optional[Any]:
+    """The config stored in one of our checkpoints (a local ``.pth``), else None."""
+    import torch
+    from fvcore.common.config import CfgNode as FvCfgNode
+
+    if not weights or not str(weights).endswith((".pth", ".pt")) or not Path(weights).is_file():
+        return None
+    try:  # memory-mapped: the tensors are not read
+        state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not ours, or an old serialization: the test set decides
+        return None
+    if not isinstance(state, dict) or not state.get("config"):
+        return None
+    return FvCfgNode.load_cfg(state["config"])
+
+
+def attach_evaluation_metadata(cfg: Any) -> str:
+    """``--eval-only``'s class metadata: from the config when it names its classes, else from
+    ``MODEL.WEIGHTS`` when it is one of our checkpoints (its stored config), else from the
+    first test dataset, checked as training checks it; never from the training json (COCO's
+    is 448 MB). Returns where it came from."""
+    from detection.data.build import use_datasets_root
+
+    use_datasets_root(cfg)
+    if cfg.MODEL.CLASS_NAMES:
+        return "the config"
+    stored = _stored_config(cfg.MODEL.WEIGHTS)
+    if stored is not None and _get(stored, "MODEL.CLASS_NAMES"):
+        _copy_metadata(stored, cfg)
+        source = f"the checkpoint {cfg.MODEL.WEIGHTS}"
+    elif cfg.DATASETS.TEST:
+        probe = cfg.clone()
+        probe.defrost()
+        probe.DATASETS.TRAIN = (cfg.DATASETS.TEST[0],)
+        get_family(cfg).attach_metadata(probe)
+        _copy_metadata(probe, cfg)
+        source = f"the test dataset {cfg.DATASETS.TEST[0]}"
+    else:
+        return "nowhere (no test dataset)"
+    logger.info("Class names for evaluation from %s", source)
+    return source
+
+
 def attach_dataset_metadata(cfg: Any) -> None:
     """Copy the training dataset's class names (and category ids) into ``cfg.MODEL``, so
     that checkpoints carry them, and check the class count (the family says how)."""
+    from detection.data.build import use_datasets_root
+
+    use_datasets_root(cfg)
     get_family(cfg).attach_metadata(cfg)
 
 

@@ -19,7 +19,7 @@ from . import distributed as du
 from .checkpoint import Checkpointer
 from .evaluation import evaluate
 from .events import MetricsWriter, plot_curves
-from .loading import load_weights
+from .loading import attach_dataset_metadata, load_weights
 from .run_setup import seed_all
 from .solver import build_lr_scheduler, build_optimizer
 from .trainer import Trainer, flatten_results
@@ -44,20 +44,26 @@ def train(cfg: Any, *, resume: bool = False) -> Tuple[nn.Module, Dict[str, Any]]
 
     family = get_family(cfg)
     output_dir = Path(cfg.OUTPUT_DIR)
-    family.attach_metadata(cfg)  # class names into the config, so checkpoints carry them
+    attach_dataset_metadata(cfg)  # class names into the config, so checkpoints carry them
     if du.is_main_process():
         save_config(cfg, output_dir)
     seed_all(cfg.SEED)
     model = family.build(cfg)
-    if cfg.MODEL.WEIGHTS and not resume:
-        load_weights(model, cfg.MODEL.WEIGHTS)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer)
     checkpointer = Checkpointer(
         output_dir, model=model, optimizer=optimizer, scheduler=scheduler,
         config_yaml=cfg.dump(), metadata=model.metadata.to_dict(),
+        keep_last=int(cfg.SOLVER.MAX_TO_KEEP),
     )
+    # --resume continues from OUTPUT_DIR's newest checkpoint; without one (or without
+    # --resume) training starts at iteration 0 from MODEL.WEIGHTS, as detectron2's does
     start_iter = checkpointer.resume() if resume else 0
+    if checkpointer.resumed_from is None:
+        if cfg.MODEL.WEIGHTS:
+            load_weights(model, cfg.MODEL.WEIGHTS)
+        logger.info("Starting at iteration 0 from %s", f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}"
+                    if cfg.MODEL.WEIGHTS else "the initialization (MODEL.WEIGHTS is empty)")
     train_model = model
     if du.get_world_size() > 1:
         device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None

@@ -116,12 +116,13 @@ def build_detector_backbone(cfg: CfgNode, *, top_block: str = "maxpool",
 
 
 def build_anchor_generator(cfg: CfgNode, strides: List[int]) -> AnchorGenerator:
-    """``MODEL.ANCHOR_GENERATOR`` for levels of ``strides``: ``SIZES`` per level, or one list
-    with one size per level (as detectron2 reads it)."""
+    """``MODEL.ANCHOR_GENERATOR`` for levels of ``strides``, read as detectron2 reads it:
+    ``SIZES`` holds one list per level, or a single list that every level takes whole
+    (``[[32, 64, 128]]`` on five levels: nine anchors per location on each)."""
     a = cfg.MODEL.ANCHOR_GENERATOR
     sizes = [list(s) for s in a.SIZES]
-    if len(sizes) == 1 and len(strides) > 1:
-        sizes = [[s] for s in sizes[0]]
+    if len(sizes) == 1:
+        sizes = sizes * len(strides)
     if len(sizes) != len(strides):
         raise ValueError(f"MODEL.ANCHOR_GENERATOR.SIZES gives {len(sizes)} levels of sizes for "
                          f"{len(strides)} feature maps")

@@ -26,16 +26,11 @@ ImageLike = Union[str, os.PathLike, Tensor, np.ndarray, Any]
 
 def get_model_cfg(config: Union[str, os.PathLike, CfgNode]) -> CfgNode:
     """A config from a YAML path (``_BASE_`` resolved) or a CfgNode (cloned)."""
+    from detection.config import get_cfg
+
     if isinstance(config, CfgNode):
         return config.clone()
-    try:
-        from detection.config import get_cfg
-    except ImportError:  # the config module is optional for the model package
-        from .defaults import add_model_config
-
-        cfg = add_model_config(CfgNode())
-    else:
-        cfg = get_cfg()
+    cfg = get_cfg()
     cfg.merge_from_file(str(config))
     return cfg
 

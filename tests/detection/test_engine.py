@@ -17,9 +17,12 @@ from PIL import Image
 from backbones.machine import parse_cpuinfo, simulate_cpu
 from detection.config import load_config
 from detection.data import shapes
-from detection.engine import runner
 from detection.engine.checkpoint import load_checkpoint
+from detection.engine.evaluation import evaluate
+from detection.engine.loading import attach_dataset_metadata, build_model_from_cfg
+from detection.engine.run_setup import seed_all
 from detection.engine.solver import build_lr_scheduler, build_optimizer
+from detection.engine.train_net import train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,7 +59,7 @@ def tiny_cfg(tiny_data, out, **extra):
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_path,
                                                                monkeypatch):
     straight = tiny_cfg(tiny_data, tmp_path / "straight", **{"DATASETS.TEST": "()"})
-    runner.train(straight)
+    train(straight)
     want = load_checkpoint(tmp_path / "straight" / "model_final.pth")
 
     # A run killed during iteration 5, after the checkpoint at iteration 3 ...
@@ -75,12 +78,12 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_pa
     killed = tiny_cfg(tiny_data, tmp_path / "resumed", **{"DATASETS.TEST": "()"})
     monkeypatch.setattr(data_build, "build_train_loader", crashing_loader)
     with pytest.raises(KeyboardInterrupt):
-        runner.train(killed)
+        train(killed)
     monkeypatch.setattr(data_build, "build_train_loader", real)
     assert (tmp_path / "resumed" / "last_checkpoint").read_text() == "model_0000003.pth"
     assert not (tmp_path / "resumed" / "model_final.pth").exists()
     # ... and resumed, continues to the same weights.
-    runner.train(tiny_cfg(tiny_data, tmp_path / "resumed", **{"DATASETS.TEST": "()"}),
+    train(tiny_cfg(tiny_data, tmp_path / "resumed", **{"DATASETS.TEST": "()"}),
                  resume=True)
     got = load_checkpoint(tmp_path / "resumed" / "model_final.pth")
     assert got["iteration"] == want["iteration"] == 6
@@ -122,8 +125,8 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(tiny_da
     from detection.engine.trainer import Trainer
 
     cfg = tiny_cfg(tiny_data, tmp_path)
-    runner.attach_dataset_metadata(cfg)
-    model = runner.build_model_from_cfg(cfg)
+    attach_dataset_metadata(cfg)
+    model = build_model_from_cfg(cfg)
     opt = build_optimizer(cfg, model)
     sched = build_lr_scheduler(cfg, opt)
     ckpt = Checkpointer(tmp_path, model=model, optimizer=opt, scheduler=sched)
@@ -149,9 +152,9 @@ def test_amp_on_cpu_trains_in_bf16_autocast_with_float32_weights(tiny_data, tmp_
     from detection.engine.trainer import Trainer
 
     cfg = tiny_cfg(tiny_data, tmp_path)
-    runner.attach_dataset_metadata(cfg)
+    attach_dataset_metadata(cfg)
     torch.manual_seed(0)
-    model = runner.build_model_from_cfg(cfg)
+    model = build_model_from_cfg(cfg)
     batch = next(iter(build_train_loader(cfg)))
 
     def step(amp):
@@ -255,7 +258,7 @@ def _ddp_worker(rank, world, port, opts, out_dir):
 
     du.init_distributed("gloo")
     cfg = load_config("faster_rcnn_r18_fpn_shapes.yaml", opts)
-    model, results = runner.train(cfg)
+    model, results = train(cfg)
     # every replica's final weights, to compare; rank 0's evaluation covers both shards
     torch.save({"rank": rank, "results": results, "model": model.state_dict()},
                Path(out_dir) / f"rank{rank}.pt")
@@ -276,19 +279,19 @@ def test_ddp_two_processes_gloo(tiny_data, tmp_path):
     changed = 0
     for k, v in final["model"].items():  # DDP keeps the replicas identical
         assert torch.equal(r0["model"][k], v) and torch.equal(r1["model"][k], v), k
-    runner.seed_all(0)  # the initialisation rank 0 trained from (DDP broadcasts it)
-    init = runner.build_model_from_cfg(load_config("faster_rcnn_r18_fpn_shapes.yaml", opts))
+    seed_all(0)  # the initialisation rank 0 trained from (DDP broadcasts it)
+    init = build_model_from_cfg(load_config("faster_rcnn_r18_fpn_shapes.yaml", opts))
     for k, v in init.state_dict().items():
         changed += int(v.is_floating_point() and not torch.equal(v, final["model"][k]))
     assert changed > 50  # and they did train
     # evaluation gathered over 2 processes equals one process evaluating the same checkpoint
     cfg = load_config("faster_rcnn_r18_fpn_shapes.yaml", opts)
-    runner.attach_dataset_metadata(cfg)
-    model = runner.build_model_from_cfg(cfg)
+    attach_dataset_metadata(cfg)
+    model = build_model_from_cfg(cfg)
     model.load_state_dict(final["model"])
     cfg.defrost()
     cfg.OUTPUT_DIR = str(tmp_path / "single")
-    single = runner.evaluate(cfg, model)
+    single = evaluate(cfg, model)
     for k in ("AP", "AP50", "AP75", "AR100"):
         assert r0["results"]["bbox"][k] == pytest.approx(single["bbox"][k], nan_ok=True), k
     gathered = json.loads((out / "inference").glob("*/coco_instances_results.json")
@@ -360,3 +363,81 @@ def test_visualize_data_draws_annotations_and_augmented_samples(tiny_data, tmp_p
         size = np.asarray(Image.open(pictures[0])).shape
         # annotations are drawn on the image as stored; augmented samples are resized
         assert (min(size[:2]) == 160) == (source == "train")
+
+
+def test_resume_in_an_empty_folder_starts_from_model_weights(tiny_data, tmp_path, caplog):
+    """``--resume`` where OUTPUT_DIR holds no checkpoint loads MODEL.WEIGHTS (as detectron2
+    does) and says where it starts (a folder with a checkpoint: the resume tests above)."""
+    first = tiny_cfg(tiny_data, tmp_path / "first", **{"DATASETS.TEST": "()",
+                                                        "SOLVER.MAX_ITER": 2})
+    train(first)
+    weights = tmp_path / "first" / "model_final.pth"
+    saved = load_checkpoint(weights)["model"]
+    cfg = tiny_cfg(tiny_data, tmp_path / "empty", **{  # one step that changes no parameter
+        "DATASETS.TEST": "()", "SOLVER.MAX_ITER": 1, "SOLVER.BASE_LR": 0.0,
+        "SOLVER.WEIGHT_DECAY": 0.0, "MODEL.WEIGHTS": str(weights)})
+    with caplog.at_level("INFO"):
+        model, _ = train(cfg, resume=True)
+    assert f"Starting at iteration 0 from MODEL.WEIGHTS {weights}" in caplog.text
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[k].detach(), saved[k]) for k in params)
+    fresh = dict(build_model_from_cfg(cfg).named_parameters())  # where it would have started
+    assert any(not torch.equal(p.detach(), saved[k]) for k, p in fresh.items())
+
+
+def test_datasets_root_is_where_class_metadata_is_read(tmp_path):
+    """``DATASETS.ROOT`` holds for the class names that training and ``--eval-only`` read
+    first, not only for the records (it used to be applied after the metadata was read)."""
+    from detection.data.catalog import set_datasets_root
+
+    annotations = tmp_path / "data" / "coco" / "annotations"
+    annotations.mkdir(parents=True)
+    (annotations / "instances_train2017.json").write_text(json.dumps({
+        "images": [], "annotations": [],
+        "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]}))
+    cfg = load_config("faster_rcnn_r50_fpn.yaml", [
+        "DATASETS.ROOT", str(tmp_path / "data"), "MODEL.ROI_HEADS.NUM_CLASSES", "2"])
+    try:
+        attach_dataset_metadata(cfg)
+    finally:
+        set_datasets_root(None)
+    assert list(cfg.MODEL.CLASS_NAMES) == ["cat", "dog"]
+    assert list(cfg.MODEL.CATEGORY_IDS) == [3, 7]
+
+
+def test_eval_only_reads_class_names_from_the_checkpoint_or_the_test_set(tiny_data, tmp_path,
+                                                                          caplog):
+    """``--eval-only`` never opens the training json (COCO's is 448 MB): here it does not
+    exist. Our checkpoint's stored config names the classes; a bare state dict leaves them to
+    the test dataset."""
+    import runpy
+
+
+    cfg = tiny_cfg(tiny_data, tmp_path / "run", **{"DATASETS.TEST": "()", "SOLVER.MAX_ITER": 2})
+    train(cfg)
+    weights = tmp_path / "run" / "model_final.pth"
+    bare = tmp_path / "bare.pth"
+    torch.save({"model": load_checkpoint(weights)["model"]}, bare)
+    main = runpy.run_path(str(Path(__file__).resolve().parents[2] / "tools" / "train_det.py"),
+                          run_name="train_det")["main"]
+    missing = f"{tmp_path / 'no_such_train.json'}:{tmp_path}"
+    for w, source in ((weights, f"the checkpoint {weights}"),
+                      (bare, f"the test dataset {tiny_data[1]}")):
+        caplog.clear()
+        args = ["--config", "faster_rcnn_r18_fpn_shapes.yaml", "--eval-only",
+                *tiny_opts(tiny_data, tmp_path / "eval", **{
+                    "DATASETS.TRAIN": f"('{missing}',)", "MODEL.WEIGHTS": str(w),
+                    "TEST.RETAIN_FREED_MEMORY": False})]
+        with caplog.at_level("INFO"):
+            assert main(args) == 0
+        assert f"Class names for evaluation from {source}" in caplog.text
+
+
+def test_max_to_keep_keeps_the_newest_periodic_checkpoints(tiny_data, tmp_path):
+    cfg = tiny_cfg(tiny_data, tmp_path / "run", **{
+        "DATASETS.TEST": "()", "SOLVER.MAX_ITER": 5, "SOLVER.CHECKPOINT_PERIOD": 1,
+        "SOLVER.MAX_TO_KEEP": 2})
+    train(cfg)
+    names = sorted(p.name for p in (tmp_path / "run").glob("model_*.pth"))
+    assert names == ["model_0000003.pth", "model_0000004.pth", "model_final.pth"], names
+    assert (tmp_path / "run" / "last_checkpoint").read_text() == "model_final.pth"

@@ -11,7 +11,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import segmentation  # noqa: F401  (MODEL.MASK_ON, ROI_MASK_HEAD.*)
-from detection.engine import runner
+from detection.engine.loading import build_model_from_cfg
 from detection.evaluation.coco_evaluation import COCOEvaluator
 from detection.modeling.convert import load_state_dict
 from detection.modeling.structures import SampledProposals
@@ -52,9 +52,9 @@ def test_config_keys_and_builders():
     with pytest.raises(ConfigKeyError, match="MODEL.ROI_MASK_HEAD.NUM_CONV"):
         load_config("mask_rcnn_r50_fpn.yaml", ["MODEL.ROI_MASK_HEAD.NUM_CONVS", "2"])
     tiny = _tiny_cfg()
-    assert isinstance(runner.build_model_from_cfg(tiny), MaskRCNN)
+    assert isinstance(build_model_from_cfg(tiny), MaskRCNN)
     tiny.MODEL.MASK_ON = False  # the same runner path builds a plain detector
-    assert not isinstance(runner.build_model_from_cfg(tiny), MaskRCNN)
+    assert not isinstance(build_model_from_cfg(tiny), MaskRCNN)
 
 
 def _detectron2_mask_rcnn_r50_fpn_shapes(k: int = 80) -> dict:

@@ -8,7 +8,9 @@ import torch
 from test_mask_rcnn import _detectron2_mask_rcnn_r50_fpn_shapes
 
 import segmentation  # noqa: F401  (registers the family, keys and datasets)
-from detection.engine import runner
+from detection.engine.evaluation import evaluate
+from detection.engine.loading import attach_dataset_metadata, build_model_from_cfg
+from detection.engine.train_net import train
 from detection.modeling.convert import load_state_dict
 from detection.modeling.metadata import Metadata
 from detection.modeling.predictor import load_model
@@ -191,11 +193,11 @@ def test_short_training_raises_pq_above_chance(tiny_panoptic, tmp_path, one_thre
         "SOLVER.CHECKPOINT_PERIOD", "0", "SOLVER.LOG_PERIOD", "25",
         "OUTPUT_DIR", str(tmp_path / "out"),
     ])
-    runner.attach_dataset_metadata(cfg)
+    attach_dataset_metadata(cfg)
     assert cfg.MODEL.CLASS_NAMES == ["circle", "rectangle", "triangle", "cross"]
     assert cfg.MODEL.PANOPTIC_FPN.STUFF_CLASS_NAMES == ["things", "stripes", "checks", "speckle"]
-    before = runner.evaluate(cfg, runner.build_model_from_cfg(cfg))["panoptic_seg"]
-    model, results = runner.train(cfg)
+    before = evaluate(cfg, build_model_from_cfg(cfg))["panoptic_seg"]
+    model, results = train(cfg)
     after = results["panoptic_seg"]
     print({k: round(v, 1) for k, v in after.items() if "-" not in k}, "before", before["PQ"])
     # untrained: no instance reaches the 0.5 score, the stuff argmax is noise. Measured (one

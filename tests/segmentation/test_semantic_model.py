@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from backbones import FPN, ShapeSpec, resnet18
-from detection.engine import runner
+from detection.engine.evaluation import build_evaluator
+from detection.engine.loading import build_model_from_cfg
+from detection.engine.result_tables import format_ap_line, format_ap_table
 from segmentation.config import ConfigKeyError, get_cfg, load_config
 from segmentation.semantic import (
     ASPP,
@@ -104,14 +106,14 @@ def _shapes_cfg(*opts: str):
 
 def test_embedded_config_builds_through_the_runner():
     cfg = _shapes_cfg()
-    model = runner.build_model_from_cfg(cfg)
+    model = build_model_from_cfg(cfg)
     assert isinstance(model, SemanticSegmentor) and model.size_divisibility == 32
     cfg.MODEL.CLASS_NAMES = ["background", "circle", "rectangle", "triangle", "cross"]
-    ev = runner.build_evaluator(cfg, "shapes_val")
+    ev = build_evaluator(cfg, "shapes_val")
     assert isinstance(ev, SemSegEvaluator) and ev.class_names[1] == "circle"
-    line = runner.format_ap_line({"mIoU": 81.234, "pACC": 97.5})
+    line = format_ap_line({"mIoU": 81.234, "pACC": 97.5})
     assert "mIoU 81.23" in line
-    assert "| sem_seg |" in runner.format_ap_table({"sem_seg": {"mIoU": 1.0, "pACC": 2.0}})
+    assert "| sem_seg |" in format_ap_table({"sem_seg": {"mIoU": 1.0, "pACC": 2.0}})
 
 
 def test_config_keys_are_validated():

@@ -7,7 +7,8 @@ import torch
 
 import segmentation  # noqa: F401  (registers the semantic keys and SemanticSegmentor)
 from detection.data.shapes import ensure_shapes_dataset
-from detection.engine import runner
+from detection.engine.evaluation import evaluate
+from detection.engine.loading import attach_dataset_metadata, build_model_from_cfg, load_weights
 from segmentation.config import load_config
 
 
@@ -33,11 +34,11 @@ def test_short_training_raises_miou_above_chance(tiny_shapes, tmp_path):
         "SOLVER.CHECKPOINT_PERIOD", "0", "SOLVER.LOG_PERIOD", "20",
         "OUTPUT_DIR", str(tmp_path / "out"),
     ])
-    runner.attach_dataset_metadata(cfg)  # COCO json without stuff_classes: background + 4
+    attach_dataset_metadata(cfg)  # COCO json without stuff_classes: background + 4
     assert cfg.MODEL.CLASS_NAMES == ["background", "circle", "rectangle", "triangle", "cross"]
-    untrained = runner.build_model_from_cfg(cfg)
-    before = runner.evaluate(cfg, untrained)["sem_seg"]["mIoU"]
-    model, results = runner.train(cfg)
+    untrained = build_model_from_cfg(cfg)
+    before = evaluate(cfg, untrained)["sem_seg"]["mIoU"]
+    model, results = train(cfg)
     after = results["sem_seg"]["mIoU"]
     print(f"mIoU before {before:.1f}, after {after:.1f}")
     # predicting background everywhere gives about 80 / 5 = 16; random labels less
@@ -45,8 +46,8 @@ def test_short_training_raises_miou_above_chance(tiny_shapes, tmp_path):
     assert after > before + 10, (before, after)
     assert (tmp_path / "out" / "model_final.pth").is_file()
     # the checkpoint reloads through the shared runner's weight loading
-    reloaded = runner.build_model_from_cfg(cfg)
-    runner.load_weights(reloaded, str(tmp_path / "out" / "model_final.pth"))
+    reloaded = build_model_from_cfg(cfg)
+    load_weights(reloaded, str(tmp_path / "out" / "model_final.pth"))
     image = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)]
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(image)[0]["sem_seg"],
