@@ -354,6 +354,10 @@ def load_config(name: str | os.PathLike | None = None, opts: Iterable[str] = (),
     opts = list(opts)
     if opts:
         cfg.merge_from_list(opts)
+    if cfg.get("CUSTOM_IMPORTS"):
+        from detection.custom_imports import import_modules
+
+        import_modules(cfg.CUSTOM_IMPORTS, source="CUSTOM_IMPORTS")
     return cfg
 
 

@@ -127,6 +127,9 @@ def detection_defaults() -> CfgNode:
     # in again on every call. The process keeps its peak memory until it exits.
     _C.TEST.RETAIN_FREED_MEMORY = True
 
+    # Modules imported after the config is read (names or .py paths), so that YAML can name the
+    # backbones, families and datasets they register (detection/custom_imports.py)
+    _C.CUSTOM_IMPORTS = []
     _C.OUTPUT_DIR = "./output"
     # Seeds the sampler's shuffles and per-sample augmentation; a negative value means
     # "draw one at start", which the trainer should then record in the saved config.

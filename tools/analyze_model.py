@@ -18,6 +18,7 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated")
 
 from backbones import FPN, build_backbone, list_backbones  # noqa: E402
 from backbones.analysis import format_table, part_table  # noqa: E402
+from detection.custom_imports import add_import_argument  # noqa: E402
 
 
 class _FloatOutputs(nn.Module):
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--all-ops", action="store_true",
                         help="count norms, pooling and upsampling too (fvcore's default)")
     parser.add_argument("--opts", nargs="*", default=[], help="config KEY VALUE overrides")
+    add_import_argument(parser)
     args = parser.parse_args(argv)
 
     if args.config:

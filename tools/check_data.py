@@ -19,6 +19,7 @@ from pathlib import Path
 
 import segmentation  # noqa: F401  (registers segmentation models and their config keys)
 from detection.config import load_config
+from detection.custom_imports import add_import_argument
 from detection.data.build import check_datasets
 
 
@@ -35,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="also decode every image and validate every segmentation")
     parser.add_argument("--json", type=Path, help="write the full report here")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    add_import_argument(parser)
     return parser.parse_args(argv)
 
 

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detection.custom_imports import add_import_argument
 from detection.families import get_family  # noqa: E402
 from detection.modeling.zoo import get_detector_weights, list_detector_weights  # noqa: E402
 from segmentation.config import load_config  # noqa: E402  (the full tree; registers families)
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="YAML config (default: the zoo entry's)")
     parser.add_argument("--weights", required=True, help="zoo name, URL or path")
     parser.add_argument("--output", required=True, help="where to write our checkpoint")
+    add_import_argument(parser)
     args = parser.parse_args(argv)
     config = args.config
     if config is None:

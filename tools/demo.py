@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from detection.custom_imports import add_import_argument
 from detection.data.image_io import read_image
 from detection.deploy.loading import add_runtime_arguments, load_for_inference
 from detection.modeling.predictor import predict
@@ -62,6 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--score-threshold", type=float, default=0.5)
     parser.add_argument("--limit", type=int, default=None, help="at most this many images")
     add_runtime_arguments(parser, default_precision="auto")
+    add_import_argument(parser)
     args = parser.parse_args(argv)
 
     model, _ = load_for_inference(args.config, args.weights, runtime=args.runtime,

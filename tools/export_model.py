@@ -29,6 +29,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from detection.custom_imports import add_import_argument
 from detection.deploy import FORMATS, check_export, export_model
 from detection.deploy.quantize import calibration_images, quantize_export
 from detection.engine.loading import inference_config
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
                         help="int8: also quantize the backbone graph (NNCF, OpenVINO)")
     parser.add_argument("--calibration-images", type=int, default=300, metavar="N",
                         help="int8: images of DATASETS.TRAIN to calibrate on")
+    add_import_argument(parser)
     args = parser.parse_args(argv)
     if args.precision == "int8" and args.format == "torchscript":
         parser.error("--precision int8 needs --format openvino (or onnx)")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from detection.custom_imports import add_import_argument
 from detection.data.image_io import read_image
 from detection.deploy.loading import add_runtime_arguments, load_for_inference
 from detection.evaluation.coco_evaluation import detections_to_coco_results, write_coco_submission
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, default=Path("submission"))
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     add_runtime_arguments(parser)
+    add_import_argument(parser)
     args = parser.parse_args(argv)
 
     model, _ = load_for_inference(args.config, args.weights, runtime=args.runtime,

@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from detection.custom_imports import add_import_argument, import_module
 from detection.deploy.loading import add_runtime_arguments, load_for_evaluation
 from detection.engine import distributed as du
 from detection.engine.evaluation import evaluate
@@ -39,11 +40,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="only evaluate MODEL.WEIGHTS on DATASETS.TEST")
     add_runtime_arguments(parser, when="with --eval-only: ")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    add_import_argument(parser)
     args = parser.parse_args(argv)
     for flag in ("--resume", "--eval-only"):  # also accepted after the KEY VALUE pairs
         while flag in args.opts:
             args.opts.remove(flag)
             setattr(args, flag[2:].replace("-", "_"), True)
+    while "--import" in args.opts[:-1]:
+        i = args.opts.index("--import")
+        import_module(args.opts[i + 1])
+        args.imports.append(args.opts[i + 1])
+        del args.opts[i:i + 2]
     return args
 
 
@@ -53,6 +60,8 @@ def main(argv=None) -> int:
     overrides = [*(["TEST.RUNTIME", args.runtime] if args.runtime else []),
                  *(["TEST.PRECISION", args.precision] if args.precision else [])]
     cfg = load_config(args.config, args.opts + overrides)
+    # --import modules recorded in the config, so that checkpoints name what they need
+    cfg.CUSTOM_IMPORTS = list(dict.fromkeys([*cfg.CUSTOM_IMPORTS, *args.imports]))
     setup_logging(Path(cfg.OUTPUT_DIR))
     if args.eval_only:
         attach_evaluation_metadata(cfg)  # the checkpoint's or the test set's classes

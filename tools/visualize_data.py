@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from detection.custom_imports import add_import_argument
 from detection.data.catalog import DatasetCatalog, get_metadata
 from detection.data.image_io import read_image
 from detection.data.mapper import DatasetMapper, MapDataset, annotation_to_mask
@@ -34,6 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num", type=int, default=10, help="how many images")
     parser.add_argument("--out", default="vis_data", help="output folder")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    add_import_argument(parser)
     args = parser.parse_args(argv)
 
     cfg = load_config(args.config, args.opts)

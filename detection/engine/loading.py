@@ -138,6 +138,10 @@ def config_from_checkpoint(path: str, *, cfg: Optional[Any] = None) -> Any:
         cfg.merge_from_other_cfg(stored)
     except ConfigKeyError as e:
         raise ConfigKeyError(f"{path}: {e}") from e
+    if cfg.get("CUSTOM_IMPORTS"):  # the modules that registered its backbone, family, data
+        from detection.custom_imports import import_modules
+
+        import_modules(cfg.CUSTOM_IMPORTS, source=f"CUSTOM_IMPORTS of {path}")
     return cfg
 
 

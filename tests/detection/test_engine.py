@@ -441,3 +441,38 @@ def test_max_to_keep_keeps_the_newest_periodic_checkpoints(tiny_data, tmp_path):
     names = sorted(p.name for p in (tmp_path / "run").glob("model_*.pth"))
     assert names == ["model_0000003.pth", "model_0000004.pth", "model_final.pth"], names
     assert (tmp_path / "run" / "last_checkpoint").read_text() == "model_final.pth"
+
+
+def test_import_flag_registers_a_backbone_that_yaml_names(tiny_data, tmp_path, monkeypatch):
+    """``tools/train_det.py --import MODULE``: a module of the user's (written here into a
+    folder of its own) registers a backbone, the config names it, two iterations train, and
+    the checkpoint records the module so that loading it imports the module again."""
+    import runpy
+    import sys
+
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "my_backbones.py").write_text(
+        "import backbones\n\n"
+        "CALLS = []\n\n"
+        "@backbones.register_backbone\n"
+        "def my_tiny_resnet(**options):\n"
+        "    CALLS.append(options)\n"
+        "    return backbones.resnet18(**options)\n")
+    monkeypatch.chdir(tmp_path / "user")
+    monkeypatch.delitem(sys.modules, "my_backbones", raising=False)
+    main = runpy.run_path(str(Path(__file__).resolve().parents[2] / "tools" / "train_det.py"),
+                          run_name="train_det")["main"]
+    out = tmp_path / "run"
+    args = ["--config", "faster_rcnn_r18_fpn_shapes.yaml", "--import", "my_backbones",
+            *tiny_opts(tiny_data, out, **{
+                "DATASETS.TEST": "()", "SOLVER.MAX_ITER": 2, "MODEL.BACKBONE.NAME":
+                "my_tiny_resnet", "MODEL.BACKBONE.NECK": "fpn", "MODEL.FPN.IN_FEATURES": "[]"})]
+    assert main(args) == 0
+    assert len(sys.modules["my_backbones"].CALLS) == 1  # the model was built from it
+    state = load_checkpoint(out / "model_final.pth")
+    assert state["iteration"] == 2
+    from segmentation.config import load_config as load_full_config
+
+    assert "my_backbones" in load_full_config(str(out / "config.yaml")).CUSTOM_IMPORTS
+    with pytest.raises(ImportError, match="no module named 'not_a_module'"):
+        main(["--config", "faster_rcnn_r18_fpn_shapes.yaml", "--import", "not_a_module"])
