@@ -1,4 +1,7 @@
-"""Read an image file as an RGB uint8 array, whatever the file's mode, with clear errors."""
+"""Decode images as RGB, one rule for every path: training and evaluation (``read_image`` of a
+file), ``predict``, the demo and submission (``as_rgb_array`` of a file, a PIL image or an
+array). 16-bit values are scaled to 8 bit, alpha is composited on black, palettes and
+grayscale become RGB, and EXIF orientation is applied; errors name the file."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import struct
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageReadError", "read_image", "image_size"]
+__all__ = ["ImageReadError", "as_rgb_array", "image_size", "read_image"]
 
 
 class ImageReadError(OSError):
@@ -41,6 +44,47 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     if mode != "RGB":
         img = img.convert("RGB")
     return np.array(img, dtype=np.uint8)
+
+
+def _composite(rgba: np.ndarray, alpha_max: float) -> np.ndarray:
+    alpha = rgba[:, :, 3:4].astype(np.float32) / alpha_max
+    return rgba[:, :, :3].astype(np.float32) * alpha
+
+
+def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB from an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array: uint8 and uint16
+    as ``read_image`` decodes such files (uint8 out), float arrays kept float (0-255 expected;
+    a 4th channel is alpha on 0-1 or 0-255)."""
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image array, got shape "
+                         f"{arr.shape}")
+    if arr.dtype == np.uint16:
+        arr = np.clip(np.round(arr.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+    if arr.dtype == np.uint8:
+        if arr.shape[2] == 4:
+            return np.clip(np.round(_composite(arr, 255.0)), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(arr)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"image arrays must be uint8, uint16 or float, got {arr.dtype}")
+    if arr.shape[2] == 4:
+        return _composite(arr, 1.0 if arr[:, :, 3].max(initial=0) <= 1.0 else 255.0)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def as_rgb_array(image, *, exif_transpose: bool = True) -> np.ndarray:
+    """(H, W, 3) RGB, 0-255, from a file path (``read_image``), a PIL image (any mode; its EXIF
+    orientation applied, as for a file) or a numpy array (see ``_array_to_rgb``)."""
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image, exif_transpose=exif_transpose)
+    if isinstance(image, Image.Image):
+        return _to_rgb(ImageOps.exif_transpose(image) if exif_transpose else image)
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
+    raise TypeError(f"cannot read an image from a {type(image).__name__}")
 
 
 def read_image(path: str | os.PathLike, *, exif_transpose: bool = True) -> np.ndarray:

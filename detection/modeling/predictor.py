@@ -121,26 +121,14 @@ def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] 
 
 
 def to_image_tensor(image: ImageLike) -> Tensor:
-    """An RGB ``(3, H, W)`` uint8/float tensor (0-255) from a path, PIL image, HWC numpy
-    array (RGB; grayscale and RGBA are converted) or CHW tensor."""
-    if isinstance(image, (str, os.PathLike)):
-        from PIL import Image, ImageOps
+    """An RGB ``(3, H, W)`` tensor (0-255) from a path, PIL image, HWC numpy array or CHW
+    tensor (as given), decoded as training and evaluation decode files
+    (``detection.data.image_io.as_rgb_array``)."""
+    if isinstance(image, Tensor):
+        return image
+    from detection.data.image_io import as_rgb_array
 
-        with Image.open(image) as im:
-            image = ImageOps.exif_transpose(im).convert("RGB")
-    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
-        image = np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise ValueError(f"expected an (H, W, 3) RGB array, got shape {image.shape}")
-        if image.dtype == np.uint16:
-            image = (image / 257.0).astype(np.float32)
-        image = torch.from_numpy(np.array(image[:, :, :3])).permute(2, 0, 1)
-    if not isinstance(image, Tensor):
-        raise TypeError(f"cannot read an image from a {type(image).__name__}")
-    return image
+    return torch.from_numpy(as_rgb_array(image)).permute(2, 0, 1)
 
 
 @torch.no_grad()

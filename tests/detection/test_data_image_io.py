@@ -138,3 +138,46 @@ def test_png_size_after_exif_without_decoding(tmp_path, monkeypatch, where):
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     assert image_size(p) == expected
     assert image_size(p, exif_transpose=False) == (20, 30)
+
+
+def _files(tmp_path):
+    """One file of each kind the decoding rules differ on."""
+    g = np.random.default_rng(0)
+    files = {}
+    rgba = g.integers(0, 256, (12, 16, 4), dtype=np.uint8)
+    files["rgba"] = tmp_path / "rgba.png"
+    Image.fromarray(rgba, "RGBA").save(files["rgba"])
+    files["gray"] = tmp_path / "gray.png"
+    Image.fromarray(g.integers(0, 256, (12, 16), dtype=np.uint8), "L").save(files["gray"])
+    files["16bit"] = tmp_path / "16bit.png"
+    Image.fromarray(g.integers(0, 65536, (12, 16), dtype=np.uint16)).save(files["16bit"])
+    files["palette"] = tmp_path / "palette.png"
+    Image.fromarray(_rgb(12, 16)).convert("P", palette=Image.ADAPTIVE, colors=4).save(
+        files["palette"])
+    files["exif"] = tmp_path / "exif.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(_rgb(12, 16)).save(files["exif"], quality=95, exif=exif.tobytes())
+    return files
+
+
+@pytest.mark.parametrize("kind", ["rgba", "gray", "16bit", "palette", "exif"])
+def test_every_path_decodes_a_file_to_the_same_pixels(tmp_path, kind):
+    """Training and evaluation (``read_image``), ``predict`` (a path, a PIL image, an array of
+    the file's values), the demo and submission (``read_image``) see the same RGB pixels."""
+    import torch
+
+    from detection.modeling.predictor import to_image_tensor
+
+    path = _files(tmp_path)[kind]
+    want = read_image(path)  # what the training mapper and the evaluation loader decode
+    assert want.dtype == np.uint8 and want.shape[2] == 3
+    got = {"path": to_image_tensor(path), "str": to_image_tensor(str(path))}
+    with Image.open(path) as im:
+        got["PIL"] = to_image_tensor(im)
+        if kind in ("rgba", "gray", "16bit"):  # arrays carry no palette nor EXIF
+            got["array"] = to_image_tensor(np.asarray(im))
+    for how, tensor in got.items():
+        assert tensor.shape == (3, *want.shape[:2]), how
+        torch.testing.assert_close(tensor.permute(1, 2, 0).numpy(), want, rtol=0, atol=0,
+                                   msg=f"{kind} via {how}")
