@@ -43,18 +43,30 @@ __all__ = [
     "MapDataset",
     "UnreadableImage",
     "annotation_to_mask",
-    "resize_scale",
+    "draw_short_edge",
+    "train_resized_shape",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-def resize_scale(height: int, width: int, short_edge: float, max_size: float) -> float:
-    """Scale that brings the short edge to ``short_edge`` unless the long edge exceeds max_size."""
-    scale = short_edge / min(height, width)
-    if max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return scale
+def draw_short_edge(min_sizes: Sequence[int], sampling: str, rng: np.random.Generator) -> int:
+    """A training image's short edge: one of ``min_sizes`` ("choice"), or any integer from
+    the first to the last ("range"), as detectron2's ``MIN_SIZE_TRAIN_SAMPLING``."""
+    if sampling == "range":
+        return int(rng.integers(min_sizes[0], min_sizes[-1] + 1))
+    return int(min_sizes[int(rng.integers(len(min_sizes)))])
+
+
+def train_resized_shape(height: int, width: int, short_edge: int,
+                        max_size: int) -> tuple[int, int]:
+    """The training resize of every mapper: the model's test rule
+    (``detection.modeling.preprocess.resized_shape``, detectron2's ResizeShortestEdge) at the
+    drawn short edge, so that training at a fixed size sees the test size."""
+    from detection.modeling.preprocess import resized_shape
+
+    nh, nw = resized_shape(height, width, short_edge, max_size)
+    return max(1, nh), max(1, nw)
 
 
 class DatasetMapper:
@@ -140,17 +152,11 @@ class DatasetMapper:
             resize=not cfg.INPUT.get("RESIZE_IN_MODEL_TRAIN", False),
         )
 
-    def _short_edge(self, rng: np.random.Generator) -> float:
-        if self.min_size_sampling == "range":
-            lo, hi = self.min_size_train
-            return float(rng.integers(lo, hi + 1))
-        return float(self.min_size_train[int(rng.integers(len(self.min_size_train)))])
-
     def _transforms(self, h: int, w: int, rng: np.random.Generator) -> A.Compose:
         ops: list[A.BasicTransform] = []
         if self.resize:  # shortest edge to a random size, longest capped; halves round up
-            scale = resize_scale(h, w, self._short_edge(rng), self.max_size_train)
-            nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+            short = draw_short_edge(self.min_size_train, self.min_size_sampling, rng)
+            nh, nw = train_resized_shape(h, w, short, self.max_size_train)
             ops.append(A.Resize(nh, nw))
         if rng.random() < self.hflip_prob:  # decided here so that rng alone sets the outcome
             ops.append(A.HorizontalFlip(p=1.0))

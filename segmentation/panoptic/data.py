@@ -37,7 +37,7 @@ import torch
 
 from detection.data.coco import CocoFormatError, read_coco_json
 from detection.data.image_io import ImageReadError, read_image
-from detection.data.mapper import resize_scale
+from detection.data.mapper import draw_short_edge, train_resized_shape
 
 from .format import check_segment_ids, read_panoptic_png, segment_areas
 
@@ -194,13 +194,8 @@ class PanopticDatasetMapper:
     def _transforms(self, h: int, w: int, rng: np.random.Generator) -> A.Compose:
         ops: list[A.BasicTransform] = []
         if self.resize:
-            if self.min_size_sampling == "range":
-                lo, hi = self.min_size_train[0], self.min_size_train[-1]
-                short = float(rng.integers(lo, hi + 1))
-            else:
-                short = float(self.min_size_train[int(rng.integers(len(self.min_size_train)))])
-            scale = resize_scale(h, w, short, self.max_size_train)
-            nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+            short = draw_short_edge(self.min_size_train, self.min_size_sampling, rng)
+            nh, nw = train_resized_shape(h, w, short, self.max_size_train)
             ops.append(A.Resize(nh, nw, mask_interpolation=0))  # cv2.INTER_NEAREST
         if rng.random() < self.hflip_prob:
             ops.append(A.HorizontalFlip(p=1.0))

@@ -25,7 +25,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from detection.data.image_io import ImageReadError, read_image
-from detection.data.mapper import InvalidSegmentationError, annotation_to_mask, resize_scale
+from detection.data.mapper import (
+    InvalidSegmentationError,
+    annotation_to_mask,
+    draw_short_edge,
+    train_resized_shape,
+)
 
 __all__ = ["SemanticDatasetMapper", "read_label_map", "sem_seg_from_coco"]
 
@@ -178,12 +183,8 @@ class SemanticDatasetMapper:
     def _transforms(self, h: int, w: int, rng: np.random.Generator) -> A.Compose:
         ops: list[A.BasicTransform] = []
         if self.resize:
-            if self.min_size_sampling == "range":
-                short = float(rng.integers(self.min_size_train[0], self.min_size_train[1] + 1))
-            else:
-                short = float(self.min_size_train[int(rng.integers(len(self.min_size_train)))])
-            scale = resize_scale(h, w, short, self.max_size_train)
-            nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+            short = draw_short_edge(self.min_size_train, self.min_size_sampling, rng)
+            nh, nw = train_resized_shape(h, w, short, self.max_size_train)
             ops.append(A.Resize(nh, nw, mask_interpolation=0))  # cv2.INTER_NEAREST
         if rng.random() < self.hflip_prob:
             ops.append(A.HorizontalFlip(p=1.0))

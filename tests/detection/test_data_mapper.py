@@ -130,3 +130,27 @@ def test_no_resize_when_the_model_resizes(rect_dataset):
         assert tuple(out["image"].shape) == (3, 60, 90)
         box = out["instances"]["boxes"][0].tolist()
         assert np.allclose(box, [60, 6, 86, 20], atol=1e-3)  # flipped only
+
+
+@pytest.mark.parametrize("h, w, short, max_size", [
+    (60, 90, 120, 1000), (187, 301, 192, 320), (301, 187, 192, 320), (200, 1000, 160, 320),
+    (333, 333, 176, 176), (101, 757, 800, 1333), (97, 113, 101, 130)])
+def test_training_at_a_fixed_size_sees_the_models_test_size(tmp_path, h, w, short, max_size):
+    """One resize rule: the mappers (detection, semantic, panoptic share it) at a fixed short
+    edge give the size the model's test resize gives for the same setting."""
+    from PIL import Image
+
+    from detection.modeling.preprocess import Preprocessor, resized_shape
+
+    path = tmp_path / "img.png"
+    Image.fromarray(np.full((h, w, 3), 100, np.uint8)).save(path)
+    record = {"file_name": str(path), "height": h, "width": w, "image_id": 1,
+              "annotations": [{"bbox": [1.0, 1.0, w / 2, h / 2], "category_id": 0,
+                               "iscrowd": 0}]}
+    mapper = DatasetMapper(True, min_size_train=(short,), max_size_train=max_size,
+                           hflip_prob=0.0)
+    trained = tuple(mapper(record, np.random.default_rng(0))["image"].shape[1:])
+    model = Preprocessor(pixel_mean=[0.0] * 3, pixel_std=[1.0] * 3, min_size_test=short,
+                         max_size_test=max_size).eval()
+    _, sizes, _ = model([torch.zeros(3, h, w)])
+    assert trained == tuple(sizes[0]) == resized_shape(h, w, short, max_size)
