@@ -124,6 +124,7 @@ class ResNet(Backbone):
             self.fc = nn.Linear(in_channels, num_classes)
             shapes["logits"] = ShapeSpec(channels=num_classes, stride=None)
         self._out_shapes = {f: shapes[f] for f in out_features}
+        self._stage_shapes = shapes  # every stage's, for pop_last_stage
         self._init_weights()
         self.freeze(freeze_at)
 
@@ -146,6 +147,19 @@ class ResNet(Backbone):
             freeze_batchnorm(part)
         self.freeze_at = freeze_at
         return self
+
+    def pop_last_stage(self) -> nn.Sequential:
+        """Remove the last stage and return it (with its weights); the ResNet then ends at the
+        stage before, which becomes its only output. The C4 detector runs res5 this way, as
+        its box head."""
+        if len(self.stage_names) < 2 or self.num_classes > 0:
+            raise ValueError("pop_last_stage needs two stages or more and no classifier head")
+        name = self.stage_names.pop()
+        stage = getattr(self, name)
+        delattr(self, name)
+        previous = self.stage_names[-1]
+        self._out_shapes = {previous: self._stage_shapes[previous]}
+        return stage
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         check_image_batch(x, type(self).__name__)

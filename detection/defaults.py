@@ -226,6 +226,7 @@ def _model() -> CfgNode:
     _M.ANCHOR_GENERATOR.INFER_STRIDES = False  # torchvision: padded size // feature size
 
     _M.RPN = CfgNode()
+    _M.RPN.HEAD_NAME = "StandardRPNHead"  # detection.modeling.registry.RPN_HEADS
     _M.RPN.IN_FEATURES = ["res4"]
     _M.RPN.CONV_DIMS = [-1]  # one 3x3 conv per entry; -1: the input channels
     _M.RPN.IOU_THRESHOLDS = [0.3, 0.7]
@@ -244,7 +245,7 @@ def _model() -> CfgNode:
     _M.RPN.MIN_SIZE = 0.0  # proposals need width and height above it
 
     _M.ROI_HEADS = CfgNode()
-    _M.ROI_HEADS.NAME = "Res5ROIHeads"  # or "StandardROIHeads" (FPN)
+    _M.ROI_HEADS.NAME = "Res5ROIHeads"  # or "StandardROIHeads" (FPN); registry.ROI_HEADS
     _M.ROI_HEADS.NUM_CLASSES = 80
     _M.ROI_HEADS.IN_FEATURES = ["res4"]
     _M.ROI_HEADS.IOU_THRESHOLDS = [0.5]
@@ -259,6 +260,7 @@ def _model() -> CfgNode:
     _M.RETINANET = _retinanet()
 
     _M.ROI_BOX_HEAD = CfgNode()
+    _M.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"  # registry.ROI_BOX_HEADS; FPN's box head
     _M.ROI_BOX_HEAD.NUM_CONV = 0
     _M.ROI_BOX_HEAD.CONV_DIM = 256
     _M.ROI_BOX_HEAD.NUM_FC = 0

@@ -27,12 +27,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
 __all__ = [
     "FAMILIES",
+    "FamilyModel",
     "FASTER_RCNN",
     "RETINANET",
     "ModelFamily",
@@ -47,6 +48,30 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 StateDict = Dict[str, Tensor]
+
+
+@runtime_checkable
+class FamilyModel(Protocol):
+    """What a model of every family provides (a test checks each registered family):
+
+    - ``metadata``: what its outputs mean (``detection.modeling.metadata.Metadata``: class
+      names and dataset category ids; a panoptic model's stuff names too); checkpoints carry
+      ``metadata.to_dict()``;
+    - ``num_classes``: the classes it predicts;
+    - ``training_states()``: name -> object with ``state_dict`` / ``load_state_dict`` to save
+      in training checkpoints besides the weights (RetinaNet's running foreground count), {}
+      for most.
+
+    Its weights load through its family's ``load_weights``, found from the config
+    (``MODEL.META_ARCHITECTURE``), never from the model's class name. Inference
+    optimizations are optional (``optimize_for_inference(precision=...)``)."""
+
+    metadata: Any
+
+    @property
+    def num_classes(self) -> int: ...
+
+    def training_states(self) -> Dict[str, Any]: ...
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ def load_for_evaluation(cfg: Any) -> Any:
     retain_memory_for_inference(cfg)
     if runtime == "torch" and precision == "fp32":
         model = build_model_from_cfg(cfg)
-        load_weights(model, cfg.MODEL.WEIGHTS)
+        load_weights(model, cfg.MODEL.WEIGHTS, cfg)
         logger.info("Evaluating the eager model in fp32 (TEST.PRECISION)")
         return model
     return load_model(cfg, cfg.MODEL.WEIGHTS, runtime=runtime, precision=precision)

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from detection.families import FAMILIES, get_family
+from detection.families import get_family
 
 __all__ = [
     "attach_dataset_metadata",
@@ -106,17 +106,12 @@ def attach_dataset_metadata(cfg: Any) -> None:
     get_family(cfg).attach_metadata(cfg)
 
 
-def load_weights(model: nn.Module, weights: str) -> None:
-    """Load ``MODEL.WEIGHTS`` into a built model with its family's loader (found by the
-    model's class name): a checkpoint of ours, or a peer's file, URL or zoo name, converted on
+def load_weights(model: nn.Module, weights: str, cfg: Any) -> None:
+    """Load ``weights`` (``MODEL.WEIGHTS``) into a model built from ``cfg``, with the loader of
+    ``cfg``'s family: a checkpoint of ours, or a peer's file, URL or zoo name, converted on
     the fly. Errors name the weights and the key (and both shapes)."""
-    if not weights:
-        return
-    family = FAMILIES.get(type(model).__name__)
-    if family is None:
-        raise ValueError(f"no model family builds a {type(model).__name__}; registered: "
-                         f"{sorted(FAMILIES)}")
-    family.load_weights(model, weights)
+    if weights:
+        get_family(cfg).load_weights(model, weights)
 
 
 def config_from_checkpoint(path: str, *, cfg: Optional[Any] = None) -> Any:

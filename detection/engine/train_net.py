@@ -61,7 +61,7 @@ def train(cfg: Any, *, resume: bool = False) -> Tuple[nn.Module, Dict[str, Any]]
     start_iter = checkpointer.resume() if resume else 0
     if checkpointer.resumed_from is None:
         if cfg.MODEL.WEIGHTS:
-            load_weights(model, cfg.MODEL.WEIGHTS)
+            load_weights(model, cfg.MODEL.WEIGHTS, cfg)
         logger.info("Starting at iteration 0 from %s", f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}"
                     if cfg.MODEL.WEIGHTS else "the initialization (MODEL.WEIGHTS is empty)")
     train_model = model

@@ -17,6 +17,7 @@ from .matcher import ATSSMatcher, Matcher
 from .metadata import Metadata
 from .poolers import ROIPooler
 from .preprocess import Preprocessor
+from .registry import ROI_BOX_HEADS, ROI_HEADS, RPN_HEADS
 from .retinanet import RetinaNet, RetinaNetHead
 from .roi_heads import FastRCNNConvFCHead, FastRCNNPredictor, Res5BoxHead, StandardROIHeads
 from .rpn import RPN, RPNHead
@@ -146,7 +147,7 @@ def build_rpn(cfg: CfgNode, shapes: Dict[str, ShapeSpec]) -> RPN:
         raise ValueError("every RPN level needs the same number of anchors")
     return RPN(
         in_features=in_features,
-        head=RPNHead(in_channels, generator.num_anchors[0], num_convs=len(c.CONV_DIMS)),
+        head=RPN_HEADS.get(c.HEAD_NAME)(cfg, in_channels, generator.num_anchors[0]),
         anchor_generator=generator,
         box_coder=BoxCoder(c.BBOX_REG_WEIGHTS, c.BBOX_SCALE_CLAMP),
         matcher=Matcher(c.IOU_THRESHOLDS, allow_low_quality_matches=True),
@@ -180,26 +181,7 @@ def build_roi_heads(cfg: CfgNode, shapes: Dict[str, ShapeSpec],
     h, b = cfg.MODEL.ROI_HEADS, cfg.MODEL.ROI_BOX_HEAD
     in_features = list(h.IN_FEATURES)
     pooler = _pooler(cfg, [shapes[f].stride for f in in_features])
-    if h.NAME == "Res5ROIHeads":
-        if len(in_features) != 1:
-            raise ValueError(f"Res5ROIHeads pools one feature map, got {in_features}")
-        if res5 is None:
-            r = cfg.MODEL.RESNETS
-            res5 = make_stage("bottleneck", 3, shapes[in_features[0]].channels,
-                              512, stride=2, norm=r.NORM,
-                              groups=r.NUM_GROUPS, width_per_group=r.WIDTH_PER_GROUP,
-                              stride_in_1x1=r.STRIDE_IN_1X1)
-        box_head: nn.Module = Res5BoxHead(res5, 512 * type(res5[-1]).expansion)
-    elif h.NAME == "StandardROIHeads":
-        channels = shapes[in_features[0]].channels
-        box_head = FastRCNNConvFCHead(
-            in_channels=channels, resolution=b.POOLER_RESOLUTION,
-            conv_dims=[b.CONV_DIM] * b.NUM_CONV, fc_dims=[b.FC_DIM] * b.NUM_FC,
-            norm=_norm(b.NORM),
-        )
-    else:
-        raise ValueError(f"unknown MODEL.ROI_HEADS.NAME {h.NAME!r}; valid: 'StandardROIHeads', "
-                         "'Res5ROIHeads'")
+    box_head = ROI_HEADS.get(h.NAME)(cfg, shapes, in_features, res5)
     if len(h.IOU_THRESHOLDS) != 1:
         raise ValueError("MODEL.ROI_HEADS.IOU_THRESHOLDS takes one threshold")
     thresh = h.IOU_THRESHOLDS[0]
@@ -214,6 +196,43 @@ def build_roi_heads(cfg: CfgNode, shapes: Dict[str, ShapeSpec],
         detections_per_image=h.DETECTIONS_PER_IMAGE, min_box_size=h.MIN_BOX_SIZE,
         mask_head=mask_head,
     )
+
+
+@RPN_HEADS.register("StandardRPNHead")
+def _standard_rpn_head(cfg: CfgNode, in_channels: int, num_anchors: int) -> nn.Module:
+    """detectron2's StandardRPNHead: ``len(MODEL.RPN.CONV_DIMS)`` shared 3x3 convs, then the
+    1x1 objectness and box-delta predictors."""
+    return RPNHead(in_channels, num_anchors, num_convs=len(cfg.MODEL.RPN.CONV_DIMS))
+
+
+@ROI_HEADS.register("StandardROIHeads")
+def _standard_roi_box_head(cfg: CfgNode, shapes: Dict[str, ShapeSpec], in_features: List[str],
+                           res5: Optional[nn.Sequential]) -> nn.Module:
+    """FPN's RoI heads: the box head ``MODEL.ROI_BOX_HEAD.NAME`` names, on pooled features."""
+    return ROI_BOX_HEADS.get(cfg.MODEL.ROI_BOX_HEAD.NAME)(cfg, shapes[in_features[0]].channels)
+
+
+@ROI_HEADS.register("Res5ROIHeads")
+def _res5_roi_box_head(cfg: CfgNode, shapes: Dict[str, ShapeSpec], in_features: List[str],
+                       res5: Optional[nn.Sequential]) -> nn.Module:
+    """C4's RoI heads: res5 as the box head (the backbone's, taken out of it, or a new one)."""
+    if len(in_features) != 1:
+        raise ValueError(f"Res5ROIHeads pools one feature map, got {in_features}")
+    if res5 is None:
+        r = cfg.MODEL.RESNETS
+        res5 = make_stage("bottleneck", 3, shapes[in_features[0]].channels, 512, stride=2,
+                          norm=r.NORM, groups=r.NUM_GROUPS, width_per_group=r.WIDTH_PER_GROUP,
+                          stride_in_1x1=r.STRIDE_IN_1X1)
+    return Res5BoxHead(res5, 512 * type(res5[-1]).expansion)
+
+
+@ROI_BOX_HEADS.register("FastRCNNConvFCHead")
+def _conv_fc_box_head(cfg: CfgNode, in_channels: int) -> nn.Module:
+    """``NUM_CONV`` convs and ``NUM_FC`` fully connected layers (detectron2's)."""
+    b = cfg.MODEL.ROI_BOX_HEAD
+    return FastRCNNConvFCHead(in_channels=in_channels, resolution=b.POOLER_RESOLUTION,
+                              conv_dims=[b.CONV_DIM] * b.NUM_CONV, fc_dims=[b.FC_DIM] * b.NUM_FC,
+                              norm=_norm(b.NORM))
 
 
 def build_metadata(cfg: CfgNode, num_classes: Optional[int] = None) -> Metadata:
@@ -245,9 +264,9 @@ def build_preprocessor(cfg: CfgNode, size_divisibility: int) -> Preprocessor:
 
 def build_model(cfg: CfgNode, *, mask_head: Optional[nn.Module] = None) -> GeneralizedRCNN:
     """The detector described by ``cfg`` (random heads; ImageNet backbone weights when
-    ``MODEL.BACKBONE.WEIGHTS`` names them). ``MODEL.WEIGHTS`` is loaded by ``load_model``."""
-    if cfg.MODEL.META_ARCHITECTURE not in ("GeneralizedRCNN", "FasterRCNN"):
-        raise ValueError(f"unknown MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE!r}")
+    ``MODEL.BACKBONE.WEIGHTS`` names them). ``MODEL.WEIGHTS`` is loaded by ``load_model``.
+    The family table (``detection.families``) decides which builder a config means; families
+    built on this detector (Mask R-CNN, Panoptic FPN) call it with their own config."""
     res5 = None
     if cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads":
         backbone = build_backbone_body(cfg, ["res2", "res3", "res4", "res5"])
@@ -324,8 +343,4 @@ def split_res5(body: Backbone) -> nn.Sequential:
     if not isinstance(body, backbones.ResNet) or "res5" not in body.stage_names:
         raise ValueError(f"MODEL.ROI_HEADS.NAME 'Res5ROIHeads' runs a ResNet's res5 as its box "
                          f"head; MODEL.BACKBONE.NAME builds a {type(body).__name__}")
-    res5 = body.res5
-    del body.res5
-    body.stage_names.remove("res5")
-    body._out_shapes = {"res4": body._out_shapes["res4"]}
-    return res5
+    return body.pop_last_stage()

@@ -45,6 +45,10 @@ class GeneralizedRCNN(nn.Module):
     def num_classes(self) -> int:
         return self.roi_heads.num_classes
 
+    def training_states(self) -> Dict[str, object]:
+        """States to save in training checkpoints besides the weights: none."""
+        return {}
+
     def forward(
         self, images: Sequence[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
     ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:

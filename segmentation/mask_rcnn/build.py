@@ -48,10 +48,6 @@ def build_mask_rcnn(cfg: CfgNode) -> MaskRCNN:
     if cfg.MODEL.ROI_HEADS.NAME != "StandardROIHeads":
         raise ValueError("Mask R-CNN is built on FPN: MODEL.ROI_HEADS.NAME must be "
                          f"'StandardROIHeads', got {cfg.MODEL.ROI_HEADS.NAME!r}")
-    if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
-        cfg = cfg.clone()
-        cfg.defrost()
-        cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
     det = build_model(cfg)
     det.roi_heads.mask_head = build_mask_head(cfg, det.backbone.output_shape())
     model = MaskRCNN(

@@ -60,6 +60,15 @@ class SemanticSegmentor(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(3, 1, 1), False)
         self._scale_checked = False
 
+    @property
+    def num_classes(self) -> int:
+        """The semantic classes the head predicts (its output channels)."""
+        return int(self.head.predictor.out_channels)
+
+    def training_states(self) -> Dict[str, Any]:
+        """States to save in training checkpoints besides the weights: none."""
+        return {}
+
     # ------------------------------------------------------------------ preprocessing
     def _check_images(self, images: List[Tensor]) -> None:
         if isinstance(images, Tensor):

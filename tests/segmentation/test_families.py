@@ -89,3 +89,65 @@ def test_analyze_model_counts_every_family(config, head, capsys):
     assert rows[head][0] > 0 and rows[head][1] > 0
     parts = sum(v[1] for k, v in rows.items() if k != "total")
     assert 0.97 * rows["total"][1] <= parts <= rows["total"][1] + 1e-3
+
+
+@pytest.mark.parametrize("config", [
+    "faster_rcnn_r18_fpn_shapes.yaml", "faster_rcnn_r50_c4.yaml", "retinanet_r18_fpn_shapes.yaml",
+    "mask_rcnn_r18_fpn_shapes.yaml", "panoptic_fpn_r18_shapes.yaml",
+    "semantic_fpn_r18_shapes.yaml"])
+def test_every_family_keeps_the_contract(config, tmp_path):
+    """Each family's model provides what ``FamilyModel`` declares, with consistent values,
+    and its weights load through the family the config names (a second model of the same
+    config equals the first after loading its state)."""
+    from detection.engine.loading import load_weights
+    from detection.families import FamilyModel
+
+    cfg = load_config(config, ["MODEL.BACKBONE.WEIGHTS", ""])
+    torch.manual_seed(0)
+    model = get_family(cfg).build(cfg)
+    assert isinstance(model, FamilyModel), type(model).__name__
+    assert model.num_classes == len(model.metadata.class_names) > 0
+    assert isinstance(model.training_states(), dict)
+    assert cfg.MODEL.META_ARCHITECTURE in ("GeneralizedRCNN", "RetinaNet", "PanopticFPN",
+                                           "SemanticSegmentor")  # not rewritten by a builder
+    path = tmp_path / "w.pth"
+    torch.save({"model": model.state_dict()}, path)
+    torch.manual_seed(1)
+    other = get_family(cfg).build(cfg)
+    load_weights(other, str(path), cfg)
+    for key, value in model.state_dict().items():
+        assert torch.equal(other.state_dict()[key], value), key
+
+
+def test_config_named_parts_resolve_through_registries():
+    """``MODEL.ROI_HEADS.NAME``, ``ROI_BOX_HEAD.NAME`` and ``RPN.HEAD_NAME`` name registered
+    parts: one of the user's is used when named; an unknown name lists the known ones."""
+    from torch import nn
+
+    from detection.modeling.registry import ROI_BOX_HEADS, RPN_HEADS
+
+    built = []
+
+    @ROI_BOX_HEADS.register("TestOneFCHead")
+    def one_fc(cfg, in_channels):
+        r = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
+        head = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * r * r, 32), nn.ReLU())
+        head.out_dim = 32
+        built.append(head)
+        return head
+
+    cfg = load_config("faster_rcnn_r18_fpn_shapes.yaml",
+                      ["MODEL.ROI_BOX_HEAD.NAME", "TestOneFCHead"])
+    model = get_family(cfg).build(cfg).eval()
+    assert model.roi_heads.box_head is built[0]
+    with torch.no_grad():
+        out = model([torch.rand(3, 96, 128) * 255])[0]
+    assert out["boxes"].shape[1] == 4
+    for key, value, registry in (("MODEL.RPN.HEAD_NAME", "NoSuchHead", RPN_HEADS),
+                                 ("MODEL.ROI_HEADS.NAME", "NoSuchHeads", None),
+                                 ("MODEL.ROI_BOX_HEAD.NAME", "NoSuchBoxHead", ROI_BOX_HEADS)):
+        bad = load_config("faster_rcnn_r18_fpn_shapes.yaml", [key, value])
+        with pytest.raises(ValueError, match=rf"unknown {key} '{value}'; registered: \[") as e:
+            get_family(bad).build(bad)
+        if registry is not None:
+            assert all(name in str(e.value) for name in registry.names())

@@ -47,7 +47,7 @@ def test_short_training_raises_miou_above_chance(tiny_shapes, tmp_path):
     assert (tmp_path / "out" / "model_final.pth").is_file()
     # the checkpoint reloads through the shared runner's weight loading
     reloaded = build_model_from_cfg(cfg)
-    load_weights(reloaded, str(tmp_path / "out" / "model_final.pth"))
+    load_weights(reloaded, str(tmp_path / "out" / "model_final.pth"), cfg)
     image = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)]
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(image)[0]["sem_seg"],
