@@ -92,7 +92,8 @@ def register_dataset(
 
 def _coco_metadata(json_file: Callable[[], Path], image_root: Callable[[], Path]) -> dict:
     jf = json_file()
-    meta = metadata_from_categories(read_coco_json(jf).get("categories", []))
+    # kept for the records built next from the same json (one parse per start)
+    meta = metadata_from_categories(read_coco_json(jf, keep=True).get("categories", []))
     meta.update(json_file=str(Path(jf).resolve()), image_root=str(Path(image_root()).resolve()))
     meta["evaluator_type"] = "coco"
     return meta

@@ -48,6 +48,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections import Counter
 from typing import Any
 
@@ -73,9 +74,30 @@ class CocoFormatError(DatasetError):
     """A COCO json that cannot be read. The message names the file."""
 
 
-def read_coco_json(json_file: str | os.PathLike) -> dict:
-    """Parse a COCO json; errors name the file (and the line/column of a syntax error)."""
+# The last json parsed with ``keep=True`` (the class metadata read before training), by the
+# file's identity, until the records are built from it: a start parses the json once.
+_KEPT: dict[tuple, dict] = {}
+
+
+def _identity(json_file: str) -> tuple | None:
+    try:
+        st = os.stat(json_file)
+    except OSError:
+        return None
+    return (os.path.realpath(json_file), st.st_size, st.st_mtime_ns)
+
+
+def read_coco_json(json_file: str | os.PathLike, *, keep: bool = False) -> dict:
+    """Parse a COCO json; errors name the file (and the line/column of a syntax error).
+
+    ``keep``: also hold the parsed json (one at a time) for the next read of the same
+    unchanged file, which takes it instead of parsing again (the metadata read, then the
+    records built from the same json, as a training start does)."""
     json_file = os.fspath(json_file)
+    key = _identity(json_file)
+    if key is not None and key in _KEPT:
+        return _KEPT[key] if keep else _KEPT.pop(key)
+    t0 = time.perf_counter()
     try:
         with open(json_file, encoding="utf-8") as f:
             data = json.load(f)
@@ -89,10 +111,18 @@ def read_coco_json(json_file: str | os.PathLike) -> dict:
         raise CocoFormatError(f"COCO json {json_file} is not UTF-8 text: {e}") from e
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise CocoFormatError(f"{json_file} is not a COCO json: no top-level 'images' list")
-    for key in ("annotations", "categories"):
-        if not isinstance(data.get(key, []), list):
+    for part in ("annotations", "categories"):
+        if not isinstance(data.get(part, []), list):
             raise CocoFormatError(
-                f"{json_file}: top-level '{key}' is a {type(data[key]).__name__}, not a list")
+                f"{json_file}: top-level '{part}' is a {type(data[part]).__name__}, not a list")
+    seconds = time.perf_counter() - t0
+    if seconds > 1.0 or len(data["images"]) > 5000:
+        logger.info("Parsed %s: %d images, %d annotations, %d categories in %.1f s", json_file,
+                    len(data["images"]), len(data.get("annotations", [])),
+                    len(data.get("categories", [])), seconds)
+    if keep and key is not None:
+        _KEPT.clear()
+        _KEPT[key] = data
     return data
 
 

@@ -476,3 +476,23 @@ def test_import_flag_registers_a_backbone_that_yaml_names(tiny_data, tmp_path, m
     assert "my_backbones" in load_full_config(str(out / "config.yaml")).CUSTOM_IMPORTS
     with pytest.raises(ImportError, match="no module named 'not_a_module'"):
         main(["--config", "faster_rcnn_r18_fpn_shapes.yaml", "--import", "not_a_module"])
+
+
+def test_a_training_start_parses_the_training_json_once(tmp_path, monkeypatch):
+    """The class metadata and the records come from one parse of the training json."""
+    import detection.data.coco as coco
+
+    parsed = []
+    real_load = coco.json.load
+
+    def counting_load(f, *args, **kwargs):
+        parsed.append(os.path.realpath(f.name))
+        return real_load(f, *args, **kwargs)
+
+    p = shapes.ensure_shapes_dataset(root=tmp_path / "data", num_train=6, num_val=2,
+                                     image_size=(96, 128))  # a dataset no test has read
+    data = (f"{p.train_json}:{p.train_images}", f"{p.val_json}:{p.val_images}")
+    monkeypatch.setattr(coco.json, "load", counting_load)
+    train(tiny_cfg(data, tmp_path / "run", **{"DATASETS.TEST": "()", "SOLVER.MAX_ITER": 1}))
+    train_json = os.path.realpath(p.train_json)
+    assert parsed.count(train_json) == 1, parsed
