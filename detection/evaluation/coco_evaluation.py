@@ -292,10 +292,12 @@ class COCOEvaluator:
     def _evaluate_task(
         self, task: str, results: list[dict[str, Any]], img_ids: list[int]
     ) -> dict[str, float]:
-        task_results = copy.deepcopy(results)
-        if task == "segm":
-            for r in task_results:
-                r.pop("bbox", None)  # else loadRes takes them as box results
+        # loadRes adds keys to each entry (area, id, a box's polygon): shallow copies keep the
+        # results as they were for the next task, without copying boxes and masks
+        if task == "segm":  # without "bbox", else loadRes takes them as box results
+            task_results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+        else:
+            task_results = [dict(r) for r in results]
         gt, evaluator_cls = self.coco_gt, COCOeval
         if self.engine == "faster_coco_eval":
             gt, evaluator_cls = self._faster_gt(), _faster_cocoeval()
