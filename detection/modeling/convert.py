@@ -16,6 +16,9 @@ from torch import Tensor, nn
 
 from backbones.convert import detectron2_resnet_to_ours, torchvision_resnet_to_ours
 
+from .checkpoint_format import detect_format as detect_checkpoint_format
+from .checkpoint_format import register_format_marks
+
 StateDict = Dict[str, Tensor]
 
 
@@ -179,18 +182,16 @@ def detectron2_to_ours(checkpoint: Mapping[str, Any]) -> StateDict:
     return out
 
 
-def detect_format(state_dict: Mapping[str, Any]) -> str:
-    """"torchvision", "detectron2" or "ours", from the parameter names."""
-    sd = state_dict.get("model", state_dict) if isinstance(state_dict, Mapping) else state_dict
-    keys = list(sd)
-    if any(k.startswith("proposal_generator.") for k in keys):
-        return "detectron2"
-    if any(k.startswith(("backbone.body.", "rpn.head.cls_logits")) for k in keys):
-        return "torchvision"
-    if any(k.startswith("rpn.head.objectness") for k in keys):
-        return "ours"
-    raise ValueError("cannot tell the checkpoint format from its keys, e.g. "
-                     f"{keys[:3]}")
+register_format_marks("GeneralizedRCNN", "detectron2", "proposal_generator.",
+                      description="two-stage (R-CNN)")
+register_format_marks("GeneralizedRCNN", "torchvision", "backbone.body.", "rpn.head.cls_logits")
+register_format_marks("GeneralizedRCNN", "ours", "rpn.head.objectness")
+
+
+def detect_format(checkpoint: Mapping[str, Any]) -> str:
+    """"torchvision", "detectron2" or "ours" for an R-CNN checkpoint (Faster, Mask R-CNN and
+    Panoptic FPN share the marks), from its keys (``checkpoint_format``)."""
+    return detect_checkpoint_format(checkpoint, "GeneralizedRCNN")
 
 
 def to_ours(checkpoint: Mapping[str, Any]) -> StateDict:

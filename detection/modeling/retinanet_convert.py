@@ -24,6 +24,8 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 from torch import Tensor
 
+from .checkpoint_format import detect_format as detect_checkpoint_format
+from .checkpoint_format import register_format_marks, state_dict_of
 from .convert import (
     FPNEntry,
     _as_tensor,
@@ -37,12 +39,7 @@ _SUBNETS = {"classification_head": "cls_convs", "regression_head": "box_convs",
             "cls_subnet": "cls_convs", "bbox_subnet": "box_convs"}
 
 
-def _state_dict(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
-    sd = checkpoint.get("model", checkpoint)
-    if not isinstance(sd, Mapping):
-        raise TypeError(f"a checkpoint holds a state dict (or {{'model': state_dict}}), got "
-                        f"{type(sd).__name__}")
-    return sd
+_state_dict = state_dict_of
 
 
 def torchvision_to_ours(state_dict: Mapping[str, Any]) -> StateDict:
@@ -132,22 +129,16 @@ def detectron2_to_ours(checkpoint: Mapping[str, Any]) -> StateDict:
     return out
 
 
+register_format_marks("RetinaNet", "torchvision", "head.classification_head.",
+                      description="RetinaNet")
+register_format_marks("RetinaNet", "detectron2", "head.cls_subnet.")
+register_format_marks("RetinaNet", "ours", "head.cls_convs.")
+
+
 def detect_format(checkpoint: Mapping[str, Any]) -> str:
-    """"torchvision", "detectron2" or "ours", from the parameter names of a RetinaNet
-    checkpoint; a ValueError says what else it looks like."""
-    keys = list(_state_dict(checkpoint))
-    if any(k.startswith("head.classification_head.") for k in keys):
-        return "torchvision"
-    if any(k.startswith("head.cls_subnet.") for k in keys):
-        return "detectron2"
-    if any(k.startswith("head.cls_convs.") for k in keys):
-        return "ours"
-    if any(k.startswith(("rpn.", "proposal_generator.", "roi_heads.")) for k in keys):
-        raise ValueError("this is a two-stage (R-CNN) checkpoint, not a RetinaNet one: it has "
-                         "RPN / RoI-head keys; use a Faster R-CNN config "
-                         "(MODEL.META_ARCHITECTURE: GeneralizedRCNN)")
-    raise ValueError(f"not a RetinaNet checkpoint (no classification subnet keys); keys begin "
-                     f"{keys[:3]}")
+    """"torchvision", "detectron2" or "ours" for a RetinaNet checkpoint, from its keys
+    (``checkpoint_format``); a ValueError says what else it looks like."""
+    return detect_checkpoint_format(checkpoint, "RetinaNet")
 
 
 def to_ours(checkpoint: Mapping[str, Any]) -> StateDict:

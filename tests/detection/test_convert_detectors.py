@@ -153,3 +153,21 @@ def test_zoo_entries_have_configs():
     assert get_detector_weights("detectron2/faster_rcnn_R_50_FPN_3x").box_ap == 40.2
     with pytest.raises(KeyError, match="registered"):
         get_detector_weights("nope")
+
+
+def test_one_format_detection_for_every_family():
+    """The families' key marks live in one table: each checkpoint's format is told for its
+    own family, and a checkpoint of another family is named as such."""
+    from detection.modeling.checkpoint_format import FORMAT_MARKS
+    from detection.modeling.checkpoint_format import detect_format as detect
+
+    assert {"GeneralizedRCNN", "RetinaNet"} <= set(FORMAT_MARKS)
+    retina = {"model": {"head.cls_subnet.0.weight": torch.zeros(1)}}
+    assert detect(retina, "RetinaNet") == "detectron2"
+    with pytest.raises(ValueError, match=r"a RetinaNet checkpoint \(detectron2 format\), not "
+                                         r"a two-stage \(R-CNN\) one"):
+        detect_format(retina)
+    torchvision_rcnn = {"rpn.head.cls_logits.weight": torch.zeros(1)}
+    assert detect(torchvision_rcnn, "GeneralizedRCNN") == "torchvision"
+    with pytest.raises(ValueError, match=r"not a RetinaNet checkpoint in any known format"):
+        detect({"encoder.weight": torch.zeros(1)}, "RetinaNet")

@@ -1,0 +1,59 @@
+"""Which project's names a detector checkpoint uses, told from its keys in one place.
+
+Each family contributes the key prefixes that mark each source format ("torchvision",
+"detectron2", "ours") with ``register_format_marks``; ``detect_format(checkpoint, family)``
+checks a checkpoint's keys against them, in the order they were registered. A checkpoint of
+another family is named as such in the error (a Faster R-CNN file given to a RetinaNet config),
+any other shows its first keys. ResNet backbone files have their own detection
+(``backbones.convert.detect_format``), as they hold no detector keys.
+"""
+
+from typing import Any, Dict, List, Mapping, Tuple
+
+__all__ = ["detect_format", "register_format_marks", "state_dict_of"]
+
+# family -> [(format, key prefixes)], in the order they are tried
+FORMAT_MARKS: Dict[str, List[Tuple[str, Tuple[str, ...]]]] = {}
+# what a family's checkpoints are, in errors ("two-stage (R-CNN)")
+_DESCRIPTIONS: Dict[str, str] = {}
+
+
+def register_format_marks(family: str, fmt: str, *prefixes: str, description: str = "") -> None:
+    """Checkpoints with a key starting with one of ``prefixes`` are in ``fmt`` for
+    ``family``."""
+    FORMAT_MARKS.setdefault(family, []).append((fmt, tuple(prefixes)))
+    if description:
+        _DESCRIPTIONS[family] = description
+
+
+def state_dict_of(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The state dict of a checkpoint (``{"model": state_dict, ...}``) or the dict itself."""
+    sd = checkpoint.get("model", checkpoint)
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"a checkpoint holds a state dict (or {{'model': state_dict}}), got "
+                        f"{type(sd).__name__}")
+    return sd
+
+
+def _match(keys: List[str], family: str) -> str:
+    for fmt, prefixes in FORMAT_MARKS.get(family, []):
+        if any(k.startswith(prefixes) for k in keys):
+            return fmt
+    return ""
+
+
+def detect_format(checkpoint: Mapping[str, Any], family: str) -> str:
+    """The format of a ``family`` checkpoint, from its keys; a ValueError says what else it
+    looks like."""
+    keys = list(state_dict_of(checkpoint))
+    fmt = _match(keys, family)
+    if fmt:
+        return fmt
+    for other in FORMAT_MARKS:
+        if other != family and _match(keys, other):
+            what = _DESCRIPTIONS.get(other, other)
+            raise ValueError(f"this is a {what} checkpoint ({_match(keys, other)} format), not a "
+                             f"{_DESCRIPTIONS.get(family, family)} one; use a config of its "
+                             f"family (MODEL.META_ARCHITECTURE: {other})")
+    raise ValueError(f"not a {_DESCRIPTIONS.get(family, family)} checkpoint in any known "
+                     f"format; keys begin {keys[:3]}")
