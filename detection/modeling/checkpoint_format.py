@@ -45,6 +45,8 @@ def _match(keys: List[str], family: str) -> str:
 def detect_format(checkpoint: Mapping[str, Any], family: str) -> str:
     """The format of a ``family`` checkpoint, from its keys; a ValueError says what else it
     looks like."""
+    from . import convert, retinanet_convert  # noqa: F401  (detection's families' marks)
+
     keys = list(state_dict_of(checkpoint))
     fmt = _match(keys, family)
     if fmt:
