@@ -161,9 +161,9 @@ def test_one_format_detection_for_every_family():
     from detection.modeling.checkpoint_format import FORMAT_MARKS
     from detection.modeling.checkpoint_format import detect_format as detect
 
-    assert {"GeneralizedRCNN", "RetinaNet"} <= set(FORMAT_MARKS)
     retina = {"model": {"head.cls_subnet.0.weight": torch.zeros(1)}}
     assert detect(retina, "RetinaNet") == "detectron2"
+    assert {"GeneralizedRCNN", "RetinaNet"} <= set(FORMAT_MARKS)
     with pytest.raises(ValueError, match=r"a RetinaNet checkpoint \(detectron2 format\), not "
                                          r"a two-stage \(R-CNN\) one"):
         detect_format(retina)
