@@ -205,11 +205,13 @@ def bf16_runs_natively(device: str = "cpu") -> bool:
 
 def require_precision(precision: str, device: str = "cpu", *, what: str = "") -> str:
     """``precision`` ("fp32", "bf16" or "auto") as it will run on ``device``: "auto" resolves to
-    bf16 where native, else fp32; "bf16" where it is not native raises
-    ``PrecisionUnavailable`` naming the missing flags. ``what`` names the caller in the error
-    (for example "OpenVINO")."""
+    bf16 on a CPU with native bf16, else fp32 (on CUDA too: the bf16 split of the backbone is
+    measured on CPUs only); "bf16" where it is not native raises ``PrecisionUnavailable``
+    naming the missing flags. ``what`` names the caller in the error (for example
+    "OpenVINO")."""
     if precision == "auto":
-        return "bf16" if bf16_runs_natively(device) else "fp32"
+        cpu = not str(device).startswith("cuda")
+        return "bf16" if cpu and bf16_runs_natively(device) else "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS + ('auto',)}, "
                          f"got {precision!r}")
