@@ -139,6 +139,9 @@ def evaluate(cfg: Any, model: nn.Module) -> Dict[str, Any]:
         loader = build_test_loader(cfg, name, mapper=family.build_mapper(cfg, False))
         out_dir = Path(cfg.OUTPUT_DIR) / "inference" / dataset_dir_name(name)
         evaluator = family.build_evaluator(cfg, name, out_dir)
+        meta = getattr(unwrapped, "metadata", None)
+        if hasattr(evaluator, "use_model_classes") and not getattr(meta, "is_placeholder", True):
+            evaluator.use_model_classes(meta)  # the checkpoint's ids, checked against the json
         res = inference_on_dataset(unwrapped, loader, evaluator)
         if du.is_main_process():
             for task, metrics in res.items():

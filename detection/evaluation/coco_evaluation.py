@@ -25,6 +25,8 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detection.modeling.metadata import to_dataset_ids
+
 __all__ = [
     "COCOEvaluator",
     "STAT_NAMES",
@@ -80,12 +82,10 @@ def detections_to_coco_results(
         raise ValueError(
             f"image {image_id}: boxes {boxes.shape}, scores {scores.shape}, labels {labels.shape}"
         )
-    num_classes = len(contiguous_id_to_dataset_id)
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
-            f"image {image_id}: labels must be contiguous in [0, {num_classes}), "
-            f"got range [{labels.min()}, {labels.max()}]"
-        )
+    try:
+        category_ids = to_dataset_ids(labels, contiguous_id_to_dataset_id)
+    except ValueError as e:
+        raise ValueError(f"image {image_id}: {e}") from None
     rles = None
     if with_masks and output.get("masks") is not None:
         masks = _numpy(output["masks"])
@@ -103,7 +103,7 @@ def detections_to_coco_results(
     for i in range(len(boxes)):
         entry: dict[str, Any] = {
             "image_id": int(image_id),
-            "category_id": int(contiguous_id_to_dataset_id[labels[i]]),
+            "category_id": category_ids[i],
             "bbox": [round(float(v), 3) for v in xywh[i]],
             "score": round(float(scores[i]), 5),
         }
@@ -226,6 +226,25 @@ class COCOEvaluator:
 
     def reset(self) -> None:
         self._predictions: list[dict[str, Any]] = []
+
+    def use_model_classes(self, metadata: Any) -> None:
+        """Map labels back to dataset ids through the model's own metadata (the checkpoint's
+        ``category_ids``) instead of the dataset's table, after checking that each of the
+        model's (id, name) pairs is a category of the ground truth (torchvision's "N/A"
+        outputs excepted); a ValueError names every pair that is not."""
+        names = {int(c["id"]): str(c["name"])
+                 for c in self.coco_gt.dataset.get("categories", [])}
+        wrong = [f"label {k}: model ({i}, {n!r}) / dataset "
+                 + (f"({i}, {names[int(i)]!r})" if int(i) in names else f"has no id {i}")
+                 for k, (i, n) in enumerate(zip(metadata.category_ids, metadata.class_names))
+                 if n != "N/A" and names.get(int(i)) != n]
+        if wrong:
+            raise ValueError(f"the model's classes disagree with the categories of "
+                             f"{self.metadata.get('json_file', 'the ground truth')}: "
+                             + "; ".join(wrong[:10])
+                             + (f"; {len(wrong) - 10} more" if len(wrong) > 10 else ""))
+        self.metadata = {**self.metadata,
+                         "contiguous_id_to_dataset_id": list(metadata.category_ids)}
 
     def process(self, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> None:
         """Add one batch: mapper dicts (with ``image_id``) and the model's per-image outputs."""

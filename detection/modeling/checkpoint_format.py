@@ -36,10 +36,16 @@ def state_dict_of(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _match(keys: List[str], family: str) -> str:
+    return _marked(keys, family)[0]
+
+
+def _marked(keys: List[str], family: str) -> Tuple[str, str]:
+    """(format, the first key that marks it) for ``family``, or ("", "")."""
     for fmt, prefixes in FORMAT_MARKS.get(family, []):
-        if any(k.startswith(prefixes) for k in keys):
-            return fmt
-    return ""
+        for k in keys:
+            if k.startswith(prefixes):
+                return fmt, k
+    return "", ""
 
 
 def detect_format(checkpoint: Mapping[str, Any], family: str) -> str:
@@ -52,10 +58,11 @@ def detect_format(checkpoint: Mapping[str, Any], family: str) -> str:
     if fmt:
         return fmt
     for other in FORMAT_MARKS:
-        if other != family and _match(keys, other):
+        other_fmt, key = _marked(keys, other)
+        if other != family and other_fmt:
             what = _DESCRIPTIONS.get(other, other)
-            raise ValueError(f"this is a {what} checkpoint ({_match(keys, other)} format), not a "
-                             f"{_DESCRIPTIONS.get(family, family)} one; use a config of its "
-                             f"family (MODEL.META_ARCHITECTURE: {other})")
+            raise ValueError(f"this is a {what} checkpoint ({other_fmt} format, key {key!r}), "
+                             f"not a {_DESCRIPTIONS.get(family, family)} one; use a config of "
+                             f"its family (MODEL.META_ARCHITECTURE: {other})")
     raise ValueError(f"not a {_DESCRIPTIONS.get(family, family)} checkpoint in any known "
                      f"format; keys begin {keys[:3]}")

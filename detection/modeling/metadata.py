@@ -1,7 +1,7 @@
 """What a detector's contiguous labels mean: class names and dataset category ids."""
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 # torchvision's 91 COCO outputs after its background (index i is category id i + 1);
 # "N/A" marks ids that COCO 2017 does not use.
@@ -25,6 +25,19 @@ COCO_NAMES = [n for n in TORCHVISION_COCO_NAMES if n != "N/A"]
 COCO_IDS = [i for i, n in zip(TORCHVISION_COCO_IDS, TORCHVISION_COCO_NAMES) if n != "N/A"]
 
 
+def to_dataset_ids(labels: Sequence[int], category_ids: Sequence[int]) -> List[int]:
+    """Contiguous labels -> dataset category ids through ``category_ids`` (label k ->
+    ``category_ids[k]``): the one mapping that evaluation, ``predict`` and submission use."""
+    n = len(category_ids)
+    out = []
+    for k in labels:
+        k = int(k)
+        if not 0 <= k < n:
+            raise ValueError(f"label {k} is outside the {n} contiguous classes 0..{n - 1}")
+        out.append(int(category_ids[k]))
+    return out
+
+
 @dataclass
 class Metadata:
     """``class_names[k]`` and ``category_ids[k]`` describe contiguous label ``k``; for a
@@ -45,6 +58,15 @@ class Metadata:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def dataset_ids(self, labels: Sequence[int]) -> List[int]:
+        """The dataset category id of each contiguous label (``to_dataset_ids``)."""
+        return to_dataset_ids(labels, self.category_ids)
+
+    @property
+    def is_placeholder(self) -> bool:
+        """Names made up by a model built without class metadata (``class_0``, ...)."""
+        return self.class_names == [f"class_{i}" for i in range(self.num_classes)]
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

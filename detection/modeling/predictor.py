@@ -141,5 +141,5 @@ def predict(model: GeneralizedRCNN, image: ImageLike) -> Dict[str, Any]:
     model.train(was_training)
     labels = out["labels"].tolist()
     meta = model.metadata
-    return {**out, "category_ids": [meta.category_ids[k] for k in labels],
+    return {**out, "category_ids": meta.dataset_ids(labels),
             "class_names": [meta.class_names[k] for k in labels]}

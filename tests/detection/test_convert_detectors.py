@@ -164,8 +164,9 @@ def test_one_format_detection_for_every_family():
     retina = {"model": {"head.cls_subnet.0.weight": torch.zeros(1)}}
     assert detect(retina, "RetinaNet") == "detectron2"
     assert {"GeneralizedRCNN", "RetinaNet"} <= set(FORMAT_MARKS)
-    with pytest.raises(ValueError, match=r"a RetinaNet checkpoint \(detectron2 format\), not "
-                                         r"a two-stage \(R-CNN\) one"):
+    with pytest.raises(ValueError, match=r"a RetinaNet checkpoint \(detectron2 format, key "
+                                         r"'head.cls_subnet.0.weight'\), not a two-stage "
+                                         r"\(R-CNN\) one"):
         detect_format(retina)
     torchvision_rcnn = {"rpn.head.cls_logits.weight": torch.zeros(1)}
     assert detect(torchvision_rcnn, "GeneralizedRCNN") == "torchvision"

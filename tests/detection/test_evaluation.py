@@ -252,3 +252,34 @@ def test_distributed_gather_equals_single_process(gt, tmp_path):
         nprocs=2,
     )
     assert json.loads(out_file.read_text()) == pytest.approx(expected)
+
+
+def test_labels_map_back_through_the_models_classes(tmp_path):
+    """Evaluation, ``predict`` and submission map labels to dataset ids through one function
+    and the model's (checkpoint's) metadata; a model whose classes disagree with the ground
+    truth's categories is refused, naming each differing label."""
+    from detection.evaluation.coco_evaluation import COCOEvaluator
+    from detection.modeling.metadata import Metadata, to_dataset_ids
+
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.jpg", "height": 50, "width": 60}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [10, 10, 20, 20],
+                         "area": 400, "iscrowd": 0}],
+        "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]}))
+    ev = COCOEvaluator((str(path), None), tasks=("bbox",))
+    model = Metadata(class_names=["dog", "cat"], category_ids=[7, 3])  # the other order
+    ev.use_model_classes(model)
+    out = {"boxes": torch.tensor([[10.0, 10, 30, 30]]), "scores": torch.tensor([0.9]),
+           "labels": torch.tensor([0])}
+    ev.process([{"image_id": 1}], [out])
+    assert ev.evaluate()["bbox"]["AP"] == pytest.approx(100.0)  # label 0 -> dog (7)
+    assert model.dataset_ids([0, 1]) == to_dataset_ids([0, 1], [7, 3]) == [7, 3]
+    with pytest.raises(ValueError, match="label 2 is outside"):
+        model.dataset_ids([2])
+    wrong = COCOEvaluator((str(path), None), tasks=("bbox",))
+    with pytest.raises(ValueError, match=r"label 1: model \(9, 'horse'\) / dataset has no id 9"
+                                         r"; label 2: model \(7, 'wolf'\) / dataset "
+                                         r"\(7, 'dog'\)"):
+        wrong.use_model_classes(Metadata(class_names=["cat", "horse", "wolf"],
+                                         category_ids=[3, 9, 7]))
