@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.starts_processes  # git ls-files; see tests/conftest.py
+
 ROOT = Path(__file__).resolve().parents[1]
 ORDINALS = ("first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|eleventh|"
             "twelfth|this|last|earlier|previous|next|same|that")

@@ -44,6 +44,9 @@ def train(cfg: Any, *, resume: bool = False) -> Tuple[nn.Module, Dict[str, Any]]
 
     family = get_family(cfg)
     output_dir = Path(cfg.OUTPUT_DIR)
+    if cfg.CUSTOM_IMPORTS:  # imported when the config was read; named in the log
+        logger.info("Modules imported for this run (CUSTOM_IMPORTS): %s",
+                    ", ".join(cfg.CUSTOM_IMPORTS))
     attach_dataset_metadata(cfg)  # class names into the config, so checkpoints carry them
     if du.is_main_process():
         save_config(cfg, output_dir)

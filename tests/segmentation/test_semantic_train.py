@@ -9,6 +9,7 @@ import segmentation  # noqa: F401  (registers the semantic keys and SemanticSegm
 from detection.data.shapes import ensure_shapes_dataset
 from detection.engine.evaluation import evaluate
 from detection.engine.loading import attach_dataset_metadata, build_model_from_cfg, load_weights
+from detection.engine.train_net import train
 from segmentation.config import load_config
 
 
@@ -21,10 +22,10 @@ def tiny_shapes(tmp_path_factory):
 
 @pytest.mark.slow
 def test_short_training_raises_miou_above_chance(tiny_shapes, tmp_path):
-    train, val = tiny_shapes
+    train_set, val = tiny_shapes
     torch.manual_seed(0)
     cfg = load_config("semantic_fpn_r18_shapes.yaml", [
-        "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{train}',)",
+        "DATASETS.TRAIN", f"('{train_set}',)", "DATASETS.TEST", f"('{train_set}',)",
         "INPUT.MIN_SIZE_TRAIN", "()",  # no resizing: flips only
         "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.SEM_SEG_HEAD.CONVS_DIM", "64",
         "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "8", "SOLVER.MAX_ITER", "100",
