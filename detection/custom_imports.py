@@ -64,7 +64,8 @@ def import_modules(names: Iterable[str], *, source: str = "--import") -> List[Mo
 class _ImportAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         import_module(values)
-        getattr(namespace, self.dest).append(values)
+        # a new list: appending to the default would carry one parse's imports into the next
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), values])
 
 
 def add_import_argument(parser: argparse.ArgumentParser) -> None:

@@ -496,3 +496,16 @@ def test_a_training_start_parses_the_training_json_once(tmp_path, monkeypatch):
     train(tiny_cfg(data, tmp_path / "run", **{"DATASETS.TEST": "()", "SOLVER.MAX_ITER": 1}))
     train_json = os.path.realpath(p.train_json)
     assert parsed.count(train_json) == 1, parsed
+
+
+def test_import_flag_does_not_carry_into_the_next_parse():
+    """Each parse gets its own list: a tool called twice in one process (tests, a notebook)
+    does not record the first call's modules in the second run's CUSTOM_IMPORTS."""
+    import argparse
+
+    from detection.custom_imports import add_import_argument
+
+    parser = argparse.ArgumentParser()
+    add_import_argument(parser)
+    assert parser.parse_args(["--import", "json"]).imports == ["json"]
+    assert parser.parse_args([]).imports == []
