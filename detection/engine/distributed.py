@@ -1,26 +1,21 @@
-"""torch.distributed set-up and collectives: DDP under torchrun, gloo on CPU, nccl on CUDA.
+"""torch.distributed set-up and collectives: DDP over gloo on CPU, nccl on CUDA.
 
-Launch with ``torchrun --nproc_per_node N tools/train_det.py ...`` (add ``--nnodes``,
-``--node_rank``, ``--master_addr`` and ``--master_port`` for several machines). Without
-torchrun's environment everything runs in one process.
+Launch with ``torchrun`` (``--nproc_per_node``; ``--nnodes``, ``--node_rank``,
+``--master_addr``, ``--master_port`` for several machines) or with SLURM's ``srun``, one task per
+GPU: :func:`launch_info` reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK, or else SLURM_PROCID/
+SLURM_NTASKS/SLURM_LOCALID with MASTER_ADDR/MASTER_PORT. Without either, one process runs.
 
 A rank that dies must not leave the others waiting in a collective. :func:`init_distributed`
-therefore starts a :class:`RankWatchdog` on every rank, which talks to the rendezvous store
-(``MASTER_ADDR:MASTER_PORT``, a connection of its own):
-
-- every rank bumps a heartbeat counter each ``DETKIT_HEARTBEAT_S`` seconds (default 1);
-- a rank whose main thread fails posts ``rank R raised ...`` to the store (an excepthook does
-  it, wherever the exception comes from);
-- when a collective fails (gloo reports a closed connection at once), :func:`explain_failure`
-  names the rank to blame: the one that posted a failure, or the one whose heartbeat stopped
-  (SIGKILL), or rank 0 when the store it hosts is gone. The trainer raises :class:`PeerFailure`
-  with that name;
-- rank 0 watches every heartbeat, and the others watch rank 0's and the failure board. A failure
-  posted, or a heartbeat silent for ``DETKIT_PEER_TIMEOUT_S`` seconds (default 120: a machine
-  gone without closing its sockets), is logged with the rank's name, and the process exits
-  after ``DETKIT_EXIT_GRACE_S`` seconds (default 5) if its main thread has not stopped first.
-  The exit uses ``faulthandler``'s C timer, which fires even when the main thread holds the
-  GIL or is stuck in a collective, and prints every thread's stack.
+therefore starts a :class:`RankWatchdog` on every rank, connected to the rendezvous store
+(``MASTER_ADDR:MASTER_PORT``). Every rank bumps a heartbeat counter each ``DETKIT_HEARTBEAT_S``
+seconds (default 1); a rank whose main thread fails posts ``rank R raised ...`` (an excepthook
+does it). When a collective fails, :func:`explain_failure` names the rank to blame (the one that
+posted, the one whose heartbeat stopped, or rank 0 when the store it hosts is gone) and the
+trainer raises :class:`PeerFailure`. Rank 0 watches every heartbeat, the others rank 0's and the
+failure board: a posted failure, or a heartbeat silent for ``DETKIT_PEER_TIMEOUT_S`` seconds
+(default 120), is logged with the rank's name, and the process exits after
+``DETKIT_EXIT_GRACE_S`` seconds (default 5) unless its main thread stops first
+(``faulthandler``'s C timer, which fires even in a stuck collective, and prints every stack).
 """
 
 import atexit
@@ -31,7 +26,8 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -53,21 +49,128 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"environment variable {name}={value!r} is not a number") from None
 
 
+@dataclass(frozen=True)
+class LaunchInfo:
+    """This process's place in the launch, as its launcher's environment describes it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # "torchrun" (or any launcher setting its variables), "slurm" or "none"
+    node_rank: int = 0
+    master_addr: str = ""  # SLURM: the rendezvous store's host (rank 0's machine)
+    master_port: str = ""
+
+
+def _env_int(env: Mapping[str, str], name: str, default: Optional[int] = None) -> int:
+    value = env.get(name, "")
+    if value == "" and default is not None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _first_plain_host(nodelist: str) -> Optional[str]:
+    """The first host of a SLURM node list when it is written out plainly ("gpu07" or
+    "gpu07,gpu08"), None for the compressed form ("gpu[07-08]")."""
+    first = nodelist.split(",")[0].strip()
+    return first if first and not any(c in first for c in "[]") else None
+
+
+def _slurm_master_addr(env: Mapping[str, str]) -> str:
+    """MASTER_ADDR, or else rank 0's machine from SLURM's variables: the first node of the
+    step (task 0 runs there) when the list names it plainly, else the node srun ran on."""
+    if env.get("MASTER_ADDR"):
+        return env["MASTER_ADDR"]
+    for name in ("SLURM_STEP_NODELIST", "SLURM_NODELIST", "SLURM_JOB_NODELIST"):
+        if env.get(name):
+            host = _first_plain_host(env[name])
+            if host is not None:
+                return host
+            break
+    if env.get("SLURM_LAUNCH_NODE_IPADDR"):
+        return env["SLURM_LAUNCH_NODE_IPADDR"]
+    listed = next((f"{n}={env[n]!r}" for n in ("SLURM_STEP_NODELIST", "SLURM_NODELIST",
+                                              "SLURM_JOB_NODELIST") if env.get(n)), "none")
+    raise ValueError(
+        "SLURM launch without MASTER_ADDR: set MASTER_ADDR to the host of rank 0 (in the sbatch "
+        "script: export MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head "
+        f"-n 1)); the node list ({listed}) names no plain first host and "
+        "SLURM_LAUNCH_NODE_IPADDR is not set")
+
+
+def launch_info(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
+    """Rank, world size and local rank from ``env`` (default ``os.environ``): torchrun's
+    RANK/WORLD_SIZE/LOCAL_RANK when WORLD_SIZE is set, else SLURM's SLURM_PROCID/SLURM_NTASKS/
+    SLURM_LOCALID (SLURM_NODEID optional) with MASTER_ADDR/MASTER_PORT, else one process.
+    A SLURM world of several tasks needs MASTER_PORT, and MASTER_ADDR unless it can be
+    derived (see :func:`_slurm_master_addr`); a ``ValueError`` names what to set."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env:
+        world = _env_int(env, "WORLD_SIZE", 1)
+        if world > 1 and "RANK" not in env:
+            raise ValueError(f"WORLD_SIZE={world} but RANK is not set")
+        info = LaunchInfo(rank=_env_int(env, "RANK", 0), world_size=world,
+                          local_rank=_env_int(env, "LOCAL_RANK", 0), launcher="torchrun",
+                          node_rank=_env_int(env, "GROUP_RANK", 0),
+                          master_addr=env.get("MASTER_ADDR", ""),
+                          master_port=env.get("MASTER_PORT", ""))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        world = _env_int(env, "SLURM_NTASKS")
+        addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
+        if world > 1:
+            addr = _slurm_master_addr(env)
+            if not port:
+                raise ValueError("SLURM launch without MASTER_PORT: set MASTER_PORT to a free "
+                                 "port on rank 0's machine (e.g. export MASTER_PORT=29500)")
+            _env_int(env, "MASTER_PORT")
+        info = LaunchInfo(rank=_env_int(env, "SLURM_PROCID"), world_size=world,
+                          local_rank=_env_int(env, "SLURM_LOCALID", 0), launcher="slurm",
+                          node_rank=_env_int(env, "SLURM_NODEID", 0), master_addr=addr,
+                          master_port=port)
+    else:
+        return LaunchInfo(rank=0, world_size=1, local_rank=0, launcher="none")
+    if info.world_size < 1 or not 0 <= info.rank < info.world_size:
+        names = ("RANK", "WORLD_SIZE") if info.launcher == "torchrun" else (
+            "SLURM_PROCID", "SLURM_NTASKS")
+        raise ValueError(f"{names[0]}={info.rank} is outside {names[1]}={info.world_size}")
+    return info
+
+
+def get_local_rank() -> int:
+    """This process's index on its machine (its GPU), under torchrun or SLURM; 0 alone."""
+    return launch_info().local_rank
+
+
 def init_distributed(backend: str = "", *, timeout: datetime.timedelta = datetime.timedelta(
         minutes=30)) -> int:
-    """Join the process group that torchrun describes (``WORLD_SIZE`` > 1), pick this rank's
-    GPU, start the :class:`RankWatchdog`, and return the world size (1 without torchrun).
-    The backend defaults to nccl when CUDA is available and gloo otherwise. ``timeout``
-    bounds a collective that waits for a live but slow rank (rank 0 saving a checkpoint);
-    dead ranks are found by the watchdog much sooner."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or is_initialized():
+    """Join the process group that the launcher describes (:func:`launch_info`: torchrun or
+    SLURM, world size > 1), pick this rank's GPU, start the :class:`RankWatchdog`, and return
+    the world size (1 without a launcher). The backend defaults to nccl when CUDA is available
+    and gloo otherwise. ``timeout`` bounds a collective that waits for a live but slow rank
+    (rank 0 saving a checkpoint); dead ranks are found by the watchdog much sooner."""
+    if is_initialized():
         return get_world_size()
+    info = launch_info()
+    if info.world_size <= 1:
+        return 1
     if not backend:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=timeout)
+        count = torch.cuda.device_count()
+        if info.local_rank >= count > 1:
+            raise ValueError(f"local rank {info.local_rank} but {count} GPUs are visible")
+        # a task that sees one GPU (srun --gpus-per-task 1) uses it whatever its local rank
+        torch.cuda.set_device(info.local_rank if count > 1 else 0)
+    if info.launcher == "slurm":  # env:// and the watchdog read the store's address here
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = info.master_addr, info.master_port
+        logger.info("SLURM launch: rank %d of %d (local rank %d, node %d), rendezvous at %s:%s",
+                    info.rank, info.world_size, info.local_rank, info.node_rank,
+                    info.master_addr, info.master_port)
+    dist.init_process_group(backend=backend, init_method="env://", rank=info.rank,
+                            world_size=info.world_size, timeout=timeout)
     start_watchdog()
     return get_world_size()
 
