@@ -236,11 +236,14 @@ def fuse_conv_relu(model: nn.Module) -> nn.Module:
     return model
 
 
-def use_winograd(model: nn.Module, min_channels: int = MIN_CHANNELS) -> int:
+def use_winograd(model: nn.Module, min_channels: int = MIN_CHANNELS, *,
+                 float32_only: bool = False) -> int:
     """Every ``FusedConv2d`` of ``model`` that is a 3x3 stride-1 conv of at least
     ``min_channels`` input and output channels runs as Winograd F(4x4, 3x3) on CPU float32
-    inputs, F(6x6, 3x3) on maps of at least ``F6_MIN_PIXELS`` (``backbones.winograd``). Call it
-    after the weights are final (F(4x4)'s transformed weights are computed now, F(6x6)'s at a
-    conv's first large map). Returns how many convs will."""
+    inputs, F(6x6, 3x3) on maps of at least ``F6_MIN_PIXELS`` (``backbones.winograd``); with
+    ``float32_only``, only those whose weights are float32. Call it after the weights are final
+    (F(4x4)'s transformed weights are computed now, F(6x6)'s at a conv's first large map).
+    Returns how many convs will."""
     return sum(m.use_winograd(min_channels) for m in model.modules()
-               if isinstance(m, FusedConv2d))
+               if isinstance(m, FusedConv2d)
+               and (not float32_only or m.weight.dtype == torch.float32))

@@ -5,31 +5,17 @@ A 3x3 stride-1 convolution computes each m x m output tile from an (m+2) x (m+2)
 F(4x4, 3x3) with 36 element-wise products in the transformed domain instead of 144
 multiply-adds, F(6x6, 3x3) with 64 instead of 324, so the channel-mixing work (batched matrix
 products of tiles x C_in by C_in x C_out, one per element of the transformed tile) is 4x and
-5.1x smaller than the direct convolution's. The transforms are small dense products on top
-(``B^T`` along the input tiles' rows, then along their columns; ``A^T`` on the products, as
-``kron(A^T, A^T)`` of 16x36 for F(4x4), in two passes for F(6x6)), done chunk by chunk of
-tiles, each chunk's band of input rows padded in its own buffer, so that a chunk's data are
-still in the cache when the next step reads them. The chunks' tiles, transforms and products
-are written into one buffer per thread (``_workspace``, kept between calls, about 50 MB for an
-R50-FPN at 800x1067) instead of five new tensors per chunk: in A/Bs of the whole R50-FPN
-Faster R-CNN at 800x1067 (7-9 rounds, 2026-12-03, a noisy day) 2.258 s against 2.322 s and
-2.249 against 2.192 on the default heap, 1.954 against 2.023 and 2.018 against 2.234 with the
-retained heap: a few percent, within the day's noise, and no allocation per chunk.
+5.1x smaller than the direct convolution's. The input transform ``B^T`` (rows, then columns)
+and the output transform ``A^T`` (``kron(A^T, A^T)`` for F(4x4), two passes for F(6x6)) run
+chunk by chunk of tiles in one reused buffer per thread (``_workspace``), so that a chunk's
+data are still in the cache at the next step.
 
-Measured on this project's 2-core CPU against oneDNN's direct convolution (channels-last,
-float32), 256 -> 256 channels: F(4x4) 0.55-0.75x the time at FPN sizes from 200x272 to 25x34;
-512 -> 512 at 25x34: about 0.6x; at 128 channels it came out between 0.8x and 1.2x from run to
-run, at 64 channels 1.6-2.5x, so it is used from 256 input and output channels on
-(``python benchmarks/bench_winograd.py``). F(6x6) took 0.80-0.85x F(4x4)'s time at 200x272
-and 100x136, 0.93-0.97x at 50x68, more at 25x34 and below (its larger output transform and
-edge tiles eat the products saved), so ``FusedConv2d`` runs it on maps of at least
-``F6_MIN_PIXELS``. The round-off is larger than the direct
-convolution's (F(4x4) about 4x here, 5e-5 against 1.5e-5 on outputs of unit scale; F(6x6)
-1.3-1.7x F(4x4)'s, with the interpolation points 0, +-1, +-2, +-1/2), still float32
-round-off: detections agree with the direct model to the parity tests' tolerances.
-
-Only float32: in bf16 the transforms' coefficients (up to 8 and 25 in the products) cost
-more precision than bf16 has.
+It is used from 256 input and output channels on (``MIN_CHANNELS``), F(6x6) on maps of at
+least ``F6_MIN_PIXELS``: below those, oneDNN's direct convolution was as fast or faster
+(docs/benchmarks.md; ``python benchmarks/bench_winograd.py``). The round-off is about 4x the
+direct convolution's for F(4x4) and 1.3-1.7x more for F(6x6), still float32 round-off.
+Only float32: in bf16 the transforms' coefficients (up to 8 and 25) cost more precision than
+bf16 has.
 """
 
 import threading

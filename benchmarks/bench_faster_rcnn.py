@@ -22,6 +22,7 @@ from torchvision.ops import box_iou  # noqa: E402
 
 from detection.modeling.calibration import calibrate_batchnorm, textured_image  # noqa: E402
 from detection.modeling.convert import torchvision_to_ours  # noqa: E402
+from detection.optimize import optimize_for_inference  # noqa: E402
 
 
 def median_time(fn, runs: int) -> float:
@@ -69,7 +70,7 @@ def main() -> None:
     ref = lively_reference(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval(),
                            img)
     ours_plain = ours_from(ref).eval()
-    ours = ours_from(ref).eval().optimize_for_inference(channels_last=True)
+    ours = optimize_for_inference(ours_from(ref), channels_last=True)
 
     with torch.inference_mode():
         expected = ref([img / 255])[0]

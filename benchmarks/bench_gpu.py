@@ -36,6 +36,7 @@ from common import converted, freeze_like_pretrained  # noqa: E402
 
 from backbones.machine import describe  # noqa: E402
 from detection.modeling.convert import torchvision_to_ours  # noqa: E402
+from detection.optimize import optimize_for_inference  # noqa: E402
 
 
 def synthetic_batch(n: int, seed: int):
@@ -161,7 +162,7 @@ def main() -> int:
     images, targets = synthetic_batch(2, seed=0)
     ref, ours = r50_fpn_pair()
     ref_eval, fast = copy.deepcopy(ref).eval(), copy.deepcopy(ours).eval()  # before training
-    fast.optimize_for_inference(precision="fp32")
+    optimize_for_inference(fast, precision="fp32")
     times = {}
 
     def train(name, model, zero_one):

@@ -20,6 +20,7 @@ from common import converted, timing_args  # noqa: E402
 from torchvision.models.detection import maskrcnn_resnet50_fpn  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 
+from detection.optimize import optimize_for_inference  # noqa: E402
 from segmentation.mask_rcnn import torchvision_to_ours  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def main() -> None:
     img = image()
     ref = lively_mask_reference(img)
     plain = ours_from(ref)
-    fast = ours_from(ref).optimize_for_inference(channels_last=True)
+    fast = optimize_for_inference(ours_from(ref), channels_last=True)
     with torch.inference_mode():
         expected = ref([img / 255])[0]
         rows = []

@@ -30,6 +30,7 @@ from backbones.cpu_memory import retain_freed_memory  # noqa: E402
 from detection.deploy.agreement import compare_detections  # noqa: E402
 from detection.modeling.calibration import calibrate_batchnorm, textured_image  # noqa: E402
 from detection.modeling.retinanet_convert import to_ours  # noqa: E402
+from detection.optimize import optimize_for_inference  # noqa: E402
 
 
 def median_times(fns, runs: int):
@@ -82,9 +83,9 @@ def main() -> None:
     img = textured_image(800, 1067, generator=torch.Generator().manual_seed(0))
     ref = lively_reference(img)
     plain = ours_from(ref)
-    fast = ours_from(ref).optimize_for_inference(channels_last=True)
-    direct = ours_from(ref).optimize_for_inference(channels_last=True, winograd=False)
-    bf16 = ours_from(ref).optimize_for_inference(precision="bf16")
+    fast = optimize_for_inference(ours_from(ref), channels_last=True)
+    direct = optimize_for_inference(ours_from(ref), channels_last=True, winograd=False)
+    bf16 = optimize_for_inference(ours_from(ref), precision="bf16")
     with torch.inference_mode():
         expected = ref([img / 255])[0]
         rows = {"ours, plain": plain, "ours, optimized": fast,

@@ -42,6 +42,7 @@ from backbones.machine import PrecisionUnavailable  # noqa: E402
 from detection.deploy import export_model, load_exported  # noqa: E402
 from detection.deploy.agreement import compare_detections  # noqa: E402
 from detection.deploy.runtimes import require  # noqa: E402
+from detection.optimize import optimize_for_inference  # noqa: E402
 
 
 class TorchvisionGraph(torch.nn.Module):
@@ -137,7 +138,7 @@ def main() -> None:
     def ours(precision: str, **options):
         import copy
 
-        return copy.deepcopy(plain).optimize_for_inference(precision=precision, **options)
+        return optimize_for_inference(copy.deepcopy(plain), precision=precision, **options)
 
     # name -> (a function making the row's model, whether it is torchvision eager)
     makers = {

@@ -3,15 +3,9 @@ input images."""
 
 from typing import Dict, List, Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
-from backbones import fold_conv_norm, fold_frozen_batchnorm
-from backbones.fpn import ConvNorm
-from backbones.fused import FusedConv2d, FusedLinear, fuse_conv_relu, use_winograd
-
 from .metadata import Metadata
-from .precision import Cast, RefinedRPNHead, check_precision, model_device
 from .preprocess import Preprocessor, as_model_input, detector_inputs, in_input_pixels
 from .roi_heads import StandardROIHeads
 from .rpn import RPN
@@ -28,7 +22,13 @@ class GeneralizedRCNN(nn.Module):
     ``model(images, targets)`` in training: ``targets[i]`` holds ``boxes`` ``(G_i, 4)`` xyxy in
     image i's pixels and ``labels`` ``(G_i,)`` int64 in 0..K-1 (``G_i`` may be 0); returns a
     dict of scalar losses.
+
+    ``detection.optimize.optimize_for_inference`` runs the model in bf16 as ``bf16_split``
+    says: the backbone in bf16, the RPN head ranked in bf16 and refined in float32, every
+    other part (anchors, proposals, RoIAlign, box head, predictor, NMS) in float32.
     """
+
+    bf16_split = {"backbone": "input", "rpn.head": "refined"}
 
     def __init__(self, *, preprocessor: Preprocessor, backbone: nn.Module, rpn: RPN,
                  roi_heads: StandardROIHeads, metadata: Optional[Metadata] = None) -> None:
@@ -67,60 +67,6 @@ class GeneralizedRCNN(nn.Module):
         batch, sizes, _ = self.preprocessor(images)
         features = self.backbone(as_model_input(self, batch))
         return self.rpn(features, sizes, tuple(batch.shape[-2:]))[0]
-
-    @torch.no_grad()
-    def optimize_for_inference(self, channels_last: bool = True, fuse: bool = True,
-                               precision: str = "fp32",
-                               winograd: bool = True) -> "GeneralizedRCNN":
-        """Fold frozen (and eval-mode) BatchNorm into the preceding convs, in the ResNet
-        blocks, the FPN and the box head, and use the channels-last layout; with ``fuse``,
-        also apply each ReLU and residual add inside its convolution or linear layer
-        (oneDNN post-ops, CPU float32; other devices take the plain path). ``precision``
-        "bf16" runs the backbone (ResNet and FPN) in bf16 and the heads in float32
-        (see ``precision.py``). With ``fuse`` and ``winograd`` in float32, the fused 3x3
-        convs of 256 channels or more (FPN outputs, RPN head, ResNet's res4/res5) run as
-        Winograd F(4x4, 3x3) on CPU maps of 40 tiles or more, F(6x6, 3x3) on maps of 10,000
-        pixels or more (``backbones.winograd``; the mask head's 14x14 RoIs stay direct).
-        Inference only:
-        the folded model cannot train its norms any more. Returns the model."""
-        dtype = check_precision(precision, model_device(self))
-        precision = "bf16" if dtype == torch.bfloat16 else "fp32"
-        self.eval()
-        fold_frozen_batchnorm(self)
-        for module in self.modules():
-            if isinstance(module, ConvNorm) and not isinstance(module.norm, nn.Identity):
-                fused = fold_conv_norm(module.conv, module.norm)
-                if fused is not None:
-                    module.conv, module.norm = fused, nn.Identity()
-        if fuse:
-            fuse_conv_relu(self)
-            for i, conv in enumerate(self.rpn.head.convs):
-                if type(conv) is nn.Conv2d:
-                    self.rpn.head.convs[i] = FusedConv2d(conv, relu=True)
-            fcs = getattr(self.roi_heads.box_head, "fcs", [])
-            for i, fc in enumerate(fcs):
-                if type(fc) is nn.Linear:
-                    fcs[i] = FusedLinear(fc, relu=True)
-        if fuse and winograd and dtype == torch.float32:
-            use_winograd(self)
-        if hasattr(self.roi_heads.box_head, "use_channels_last"):
-            self.roi_heads.box_head.use_channels_last()
-        if dtype != torch.float32:  # the backbone in bf16, the heads in float32
-            self.backbone.to(dtype)
-            if len(self.rpn.head.convs) == 1:  # bf16, refined in float32 at the top anchors
-                k = self.rpn.pre_nms_topk[1]
-                self.rpn.head = RefinedRPNHead(self.rpn.head, refine_topk=k + k // 4,
-                                               dtype=dtype)
-            else:
-                self.rpn.head = Cast(self.rpn.head, input_dtype=torch.float32,
-                                     output_dtype=torch.float32)
-        self.precision, self._input_dtype = precision, dtype
-        self._channels_last = channels_last or dtype != torch.float32
-        if self._channels_last:
-            self.backbone.to(memory_format=torch.channels_last)
-            self.rpn.to(memory_format=torch.channels_last)
-            self.roi_heads.to(memory_format=torch.channels_last)
-        return self
 
 
 FasterRCNN = GeneralizedRCNN

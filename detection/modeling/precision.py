@@ -1,41 +1,13 @@
-"""bf16 inference that keeps the detections: the backbone's convolutions in bf16, everything
-that makes the final numbers in float32.
+"""The pieces of bf16 inference that keep the detections: ``Cast`` (a part run on inputs cast
+to one dtype, its outputs cast to another), ``run_in`` and ``RefinedRPNHead`` (an RPN head
+ranked in bf16 and recomputed in float32 at the top anchors), and ``check_precision``.
 
-In bf16: the backbone (ResNet and FPN: 120 of the R50-FPN detector's 178 G multiply-adds) and
-the mask head's convs. The RPN head (one 3x3 conv, 43 G multiply-adds) runs in bf16 to rank
-the anchors and again in float32 at the locations of the top ones (``RefinedRPNHead``): the
-proposals come from float32 logits and deltas. In float32: that refinement, anchors, the
-decoding of every box delta, the RPN's top-k and NMS, RoIAlign (bilinear samples of the bf16
-features, computed in float32), the box head and predictor (class scores and the final box
-regression), the score softmax, the final NMS, the rescaling of boxes to the input image,
-and the mask predictor and pasting.
-
-Measured on the trained shapes default (250 val images, detections scoring >= 0.07, kept when
-the same label, IoU > 0.95 and score within 0.02 come back): this split keeps 99.03%; with the
-box head in bf16 too, 98.96%; with the RPN head in bf16 too, 97.7% (20 images); with the
-anchors computed in the features' bf16 (a bug, fixed), 89%. On a later training run of the
-same config (3,023 detections): 98.94%; with the FPN's convs in float32 too, 98.91%; with
-the ResNet stem in float32 too, 98.94%: what is lost comes from the ResNet's stages.
-
-On a third run (2,845 detections): 98.84% with the RPN head in float32; with any one ResNet
-stage in float32 too, 98.66-98.88% (res2 98.70, res3 98.66, res4 98.80, res5 98.88): no
-stage holds the loss. The RPN head in plain bf16, 97.82%; refined (``RefinedRPNHead``),
-98.88%, and 0.19 s faster on the R50-FPN detector at 800x1067 (1.37 s against 1.55 s).
-The box head's two fcs in bf16 too: 98.84% and 0.075 s faster (1.18 s against 1.26 s); not
-taken, as the share kept is already at the bar.
-About half the detections lost have the same score (within 0.005) and a box of IoU 0.7-0.95:
-a near-tie between two overlapping proposals in the RPN's NMS that bf16's rounding of the
-features decides the other way, which the briefly trained box head does not regress back to
-one box; the others are low-scoring (mostly < 0.3) small shapes whose score moves by more
-than 0.02.
-
-The default's later recipe (500 iterations in bf16 autocast, 2026-12-03): 99.28% of 2,089
-detections (seed 0, AP 79.9), 98.80% of 2,828 (seed 1, AP 73.1); with the box head's fcs in
-bf16 too, 99.04% and 98.51%. Of seed 0's 15 losses, 9 come back with the same score (often
-to 1e-3) and a box of IoU 0.68-0.95 with float32's: two detections of one object from two
-overlapping proposals (the RPN's proposals themselves match, 199-200 of 200 at IoU > 0.99),
-whose scores tie within bf16's error, so the final NMS keeps the other one. The share kept
-moves with the model by more than the bar's margin.
+Which parts of a model run in bf16 is declared by each model class (``bf16_split``) and
+applied by ``detection.optimize``. The detectors' split: the backbone (ResNet and FPN: 120 of
+the R50-FPN detector's 178 G multiply-adds) and the mask head's convs in bf16; the RPN head
+refined; anchors, box decoding, top-k and NMS, RoIAlign, the box head and predictor, the
+softmax, the rescaling to the input image and the mask pasting in float32. How much each
+choice keeps of the float32 detections is in docs/benchmarks.md.
 """
 
 import copy
@@ -96,8 +68,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def low_precision_parts(model: nn.Module) -> Sequence[str]:
-    """Names of the submodules that ``GeneralizedRCNN.optimize_for_inference(precision=
-    "bf16")`` runs in bf16 (for reports)."""
+    """Names of the submodules that ``detection.optimize`` wrapped to run in bf16 (for
+    reports)."""
     return [name for name, m in model.named_modules() if isinstance(m, Cast)
             and m.input_dtype == torch.bfloat16]
 
@@ -112,9 +84,7 @@ class RefinedRPNHead(nn.Module):
     location as one matrix product with the conv's weights, then the 1x1 predictors. Those
     locations' logits and deltas, every anchor of them, are the float32 head's up to the
     order of sums; the proposals come from them. Inference only; a float32 head's weights.
-
-    Measured on the R50-FPN detector at 800x1067: the head's conv 0.21-0.27 s in bf16
-    against 0.43-0.47 s in float32; the refinement, about 5,000 locations, some 0.03 s."""
+    (On the R50-FPN detector at 800x1067 the refinement covers about 5,000 locations.)"""
 
     def __init__(self, head: nn.Module, refine_topk: int, dtype: torch.dtype) -> None:
         super().__init__()

@@ -61,8 +61,8 @@ def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] 
                precision: str = "auto") -> Any:
     """Build the detector of ``config`` (a YAML path, a CfgNode or a zoo name) and load
     ``weights`` (zoo name, URL or path; default ``MODEL.WEIGHTS``), in torchvision's,
-    detectron2's or our format. Returns it in eval mode, with frozen BatchNorm folded into
-    the convolutions when ``optimize``.
+    detectron2's or our format. Returns it in eval mode, optimized for inference
+    (``detection.optimize``: norms folded, ReLUs fused, channels-last) when ``optimize``.
 
     ``runtime`` "onnxruntime" or "openvino" exports the model to ONNX (once: the file is
     cached under ``~/.cache/detkit/exported``) and returns it running in that runtime, with
@@ -74,6 +74,7 @@ def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] 
     log says which runs. Evaluation and submission ask for "fp32" unless told otherwise."""
     from backbones.machine import require_precision
     from detection.deploy import RUNTIMES, load_exported, require
+    from detection.optimize import optimize_for_inference, supports_bf16
 
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
@@ -104,15 +105,11 @@ def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] 
 
         return export_cached(model, cfg, weights, runtime=runtime, precision=precision)
     asked = precision
-    if precision == "auto":  # bf16 only where native, and where the model has a bf16 mode
+    if precision == "auto":  # bf16 only where native, and where the model has a bf16 split
         precision = require_precision("auto", device) \
-            if optimize and hasattr(model, "optimize_for_inference") else "fp32"
-    if not hasattr(model, "optimize_for_inference"):
-        if precision != "fp32":
-            raise ValueError(f"precision {precision!r} is for detectors; a "
-                             f"{type(model).__name__} runs in fp32")
-    elif optimize:
-        model.optimize_for_inference(precision=precision)
+            if optimize and supports_bf16(model) else "fp32"
+    if optimize:
+        optimize_for_inference(model, precision=precision)
     elif precision != "fp32":
         raise ValueError(f"precision {precision!r} needs optimize=True")
     logger.info("Inference in %s%s on %s", getattr(model, "precision", "fp32"),

@@ -240,7 +240,8 @@ def detector_inputs(model: nn.Module, images: Sequence[Tensor],
                     targets: Optional[List[Dict[str, Tensor]]]):
     """A detector's first step: in training its ``targets`` are required and checked against
     ``model.num_classes``; ``model.preprocessor`` normalizes, resizes and batches the images;
-    the batch takes the dtype and channels-last layout ``optimize_for_inference`` chose.
+    the batch takes the dtype and channels-last layout ``optimize_for_inference`` chose
+    (``as_model_input``).
     -> (batch, per-image resized sizes, targets in the resized images, None at inference)."""
     if model.training:
         if targets is None:
@@ -253,9 +254,9 @@ def detector_inputs(model: nn.Module, images: Sequence[Tensor],
 
 def as_model_input(model: nn.Module, batch: Tensor) -> Tensor:
     """``batch`` in the dtype (bf16 for a bf16 backbone) and channels-last layout that
-    ``optimize_for_inference`` chose for ``model``."""
-    if getattr(model, "_channels_last", False):
-        batch = batch.to(dtype=model._input_dtype, memory_format=torch.channels_last)
+    ``detection.optimize.optimize_for_inference`` chose for ``model``."""
+    if getattr(model, "input_channels_last", False):
+        batch = batch.to(dtype=model.input_dtype, memory_format=torch.channels_last)
     return batch
 
 

@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
-from backbones import fold_conv_norm, fold_frozen_batchnorm
 from backbones.fpn import ConvNorm
-from backbones.fused import FusedConv2d, apply_relu, fuse_conv_relu, use_winograd
+from backbones.fused import apply_relu
 
 from .anchors import AnchorGenerator
 from .box_ops import (
@@ -36,7 +35,6 @@ from .box_ops import (
 )
 from .matcher import BACKGROUND, FOREGROUND, ATSSMatcher, Matcher
 from .metadata import Metadata
-from .precision import Cast, check_precision, model_device
 from .preprocess import Preprocessor, detector_inputs, in_input_pixels
 from .structures import Detections
 from .tracing import is_tracing, min_size
@@ -58,6 +56,9 @@ class RetinaNetHead(nn.Module):
     probability ``prior_prob``.
     """
 
+    relu_layers = ("cls_convs", "box_convs")  # inference fusion (detection.optimize)
+    plain_layers = ("cls_score", "bbox_pred")  # fused too, so that Winograd takes them
+
     def __init__(self, *, in_channels: int, num_anchors: int, num_classes: int,
                  num_convs: int = 4, norm: str = "none", prior_prob: float = 0.01) -> None:
         super().__init__()
@@ -78,8 +79,7 @@ class RetinaNetHead(nn.Module):
     @staticmethod
     def _subnet(convs: nn.ModuleList, x: Tensor) -> Tensor:
         for block in convs:
-            x = apply_relu(block.conv, x) if isinstance(block.norm, nn.Identity) \
-                else F.relu(block(x))
+            x = apply_relu(block, x)
         return x
 
     def forward(self, features: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
@@ -139,7 +139,12 @@ class RetinaNet(nn.Module):
             scores above ``score_thresh`` are decoded.
         nms_thresh, detections_per_image: per-class NMS, then the best per image.
         metadata: class names and dataset ids of labels 0..K-1.
+
+    ``detection.optimize.optimize_for_inference`` runs the backbone in bf16 and the head,
+    anchors, decoding and NMS in float32 (``bf16_split``).
     """
+
+    bf16_split = {"backbone": "input", "head": "fp32"}
 
     def __init__(
         self, *, preprocessor: Preprocessor, backbone: nn.Module, head: RetinaNetHead,
@@ -320,42 +325,3 @@ class RetinaNet(nn.Module):
         per_image = zip(*(split_per_image(v[keep], image_idx[keep], n)
                           for v in (boxes_t, scores_t, labels_t)))
         return [Detections(boxes=b, scores=s, labels=lab) for b, s, lab in per_image]
-
-    @torch.no_grad()
-    def optimize_for_inference(self, channels_last: bool = True, fuse: bool = True,
-                               precision: str = "fp32", winograd: bool = True) -> "RetinaNet":
-        """Fold frozen (and eval-mode) BatchNorm into the preceding convs (ResNet, FPN), use
-        channels-last, and with ``fuse`` apply each ReLU inside its conv (oneDNN post-ops;
-        the head's convs too when they have no norm). With ``fuse`` and ``winograd`` in
-        float32, the fused 3x3 convs of 256 channels or more run as Winograd F(4x4, 3x3)
-        on CPU, F(6x6, 3x3) on maps of 10,000 pixels or more (``backbones.winograd``).
-        ``precision`` "bf16" runs the backbone in bf16 and the head, anchors, decoding and NMS
-        in float32. Inference only. Returns the model."""
-        dtype = check_precision(precision, model_device(self))
-        precision = "bf16" if dtype == torch.bfloat16 else "fp32"
-        self.eval()
-        fold_frozen_batchnorm(self)
-        for module in self.backbone.modules():
-            if isinstance(module, ConvNorm) and not isinstance(module.norm, nn.Identity):
-                fused = fold_conv_norm(module.conv, module.norm)
-                if fused is not None:
-                    module.conv, module.norm = fused, nn.Identity()
-        if fuse:
-            fuse_conv_relu(self.backbone)
-            for block in [*self.head.cls_convs, *self.head.box_convs]:
-                if isinstance(block.norm, nn.Identity) and type(block.conv) is nn.Conv2d:
-                    block.conv = FusedConv2d(block.conv, relu=True)
-            for name in ("cls_score", "bbox_pred"):  # their 3x3 convs, for Winograd
-                if type(getattr(self.head, name)) is nn.Conv2d:
-                    setattr(self.head, name, FusedConv2d(getattr(self.head, name), relu=False))
-            if winograd:  # the head stays float32 in bf16 too
-                use_winograd(self.head if dtype != torch.float32 else self)
-        if dtype != torch.float32:  # the backbone in bf16, the head in float32
-            self.backbone.to(dtype)
-            self.head = Cast(self.head, input_dtype=torch.float32, output_dtype=torch.float32)
-        self.precision, self._input_dtype = precision, dtype
-        self._channels_last = channels_last or dtype != torch.float32
-        if self._channels_last:
-            self.backbone.to(memory_format=torch.channels_last)
-            self.head.to(memory_format=torch.channels_last)
-        return self

@@ -60,6 +60,8 @@ class FastRCNNConvFCHead(nn.Module):
     """``len(conv_dims)`` 3x3 convs (each conv, optional norm, ReLU), flatten, then
     ``len(fc_dims)`` fully connected layers with ReLU. ``(R, C, S, S)`` -> ``(R, D)``."""
 
+    relu_layers = ("convs", "fcs")  # inference fusion (detection.optimize)
+
     def __init__(self, *, in_channels: int, resolution: int, conv_dims: Sequence[int] = (),
                  fc_dims: Sequence[int] = (1024, 1024), norm: str = "none") -> None:
         super().__init__()
@@ -79,7 +81,7 @@ class FastRCNNConvFCHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         for conv in self.convs:
-            x = F.relu(conv(x))
+            x = apply_relu(conv, x)
         # (S, S, C) order: a view of channels-last RoI features (see use_channels_last)
         x = x.permute(0, 2, 3, 1).flatten(1) if self.flatten_channels_last else x.flatten(1)
         for fc in self.fcs:

@@ -29,6 +29,8 @@ class RPNHead(nn.Module):
     """``num_convs`` 3x3 convs with ReLU shared by all levels, then 1x1 convs giving ``A``
     objectness logits and ``4A`` box deltas per location."""
 
+    relu_layers = ("convs",)  # inference fusion (detection.optimize)
+
     def __init__(self, in_channels: int, num_anchors: int, num_convs: int = 1) -> None:
         super().__init__()
         self.convs = nn.ModuleList(
@@ -93,6 +95,13 @@ class RPN(nn.Module):
         self.nms_thresh, self.min_box_size = nms_thresh, min_box_size
         self.smooth_l1_beta, self.loss_normalizer = smooth_l1_beta, loss_normalizer
         self.loss_weight = loss_weight
+
+    @property
+    def refine_topk(self) -> int:
+        """Anchors per level whose head outputs a bf16 RPN recomputes in float32
+        (``RefinedRPNHead``): the test-time pre-NMS top-k and a quarter more as margin."""
+        k = self.pre_nms_topk[1]
+        return k + k // 4
 
     def forward(
         self, features: Dict[str, Tensor], image_sizes: List[Tuple[int, int]],

@@ -37,6 +37,8 @@ class MaskRCNNHead(nn.Module):
         target_aligned: RoIAlign's half-pixel shift when cropping the targets.
     """
 
+    relu_layers = ("convs",)  # inference fusion (detection.optimize)
+
     def __init__(self, *, in_features: Sequence[str], pooler: ROIPooler, in_channels: int,
                  num_classes: int, conv_dims: Sequence[int] = (256, 256, 256, 256),
                  norm: str = "none", cls_agnostic: bool = False,

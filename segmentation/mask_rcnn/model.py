@@ -3,12 +3,9 @@ into the input images once the boxes are mapped back to input pixels."""
 
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from backbones.fused import FusedConv2d
 from detection.modeling.faster_rcnn import GeneralizedRCNN
-from detection.modeling.precision import run_in
 from detection.modeling.preprocess import Preprocessor
 
 from .paste import PASTE_MODES, paste_masks
@@ -50,7 +47,13 @@ class MaskRCNN(GeneralizedRCNN):
         paste_mode: "torchvision" or "detectron2", the pasting convention (see ``paste``).
         mask_threshold: binarization threshold.
         (others: as ``GeneralizedRCNN``)
+
+    In bf16 (``detection.optimize``) the mask head's convs and deconvolution run in bf16 too,
+    its per-class predictor in float32 (RoIAlign hands them float32 features).
     """
+
+    bf16_split = {**GeneralizedRCNN.bf16_split, "roi_heads.mask_head.convs": "bf16",
+                  "roi_heads.mask_head.deconv": "bf16->fp32"}
 
     def __init__(self, *, paste_mode: str = "torchvision", mask_threshold: float = 0.5,
                  **parts) -> None:
@@ -73,19 +76,3 @@ class MaskRCNN(GeneralizedRCNN):
             res["masks"] = probs[:, None]
             res["binary_masks"] = probs >= self.mask_threshold
         return out
-
-    def optimize_for_inference(self, channels_last: bool = True, fuse: bool = True,
-                               precision: str = "fp32", winograd: bool = True) -> "MaskRCNN":
-        """As the detector's; with "bf16" the mask head's convs and deconvolution run in bf16
-        too, its per-class predictor in float32 (RoIAlign hands them float32 features)."""
-        super().optimize_for_inference(channels_last, fuse, precision, winograd)
-        dtype = self._input_dtype  # the precision as the detector resolved it
-        for conv in self.roi_heads.mask_head.convs:  # each ReLU inside its fused conv
-            if isinstance(conv.conv, FusedConv2d) and isinstance(conv.norm, nn.Identity):
-                conv.conv.relu = conv.conv.fused_relu = True
-        if dtype != torch.float32:
-            head = self.roi_heads.mask_head
-            for i, conv in enumerate(head.convs):
-                head.convs[i] = run_in(conv, dtype, output_dtype=dtype)
-            head.deconv = run_in(head.deconv, dtype, output_dtype=torch.float32)
-        return self

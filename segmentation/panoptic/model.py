@@ -39,7 +39,11 @@ class PanopticFPN(MaskRCNN):
         combine: merge into ``panoptic_seg`` at inference.
         overlap_thresh, stuff_area_limit, score_thresh: the merge's options.
         (others: as ``MaskRCNN``)
+
+    In bf16 (``detection.optimize``) the semantic head runs in float32, as the box head does.
     """
+
+    bf16_split = {**MaskRCNN.bf16_split, "sem_seg_head": "fp32"}
 
     def __init__(self, *, sem_seg_head: nn.Module, sem_seg_loss_weight: float = 0.5,
                  instance_loss_weight: float = 1.0, ignore_value: int = 255,
@@ -56,8 +60,7 @@ class PanopticFPN(MaskRCNN):
 
     def _semantic_logits(self, features: Dict[str, Tensor], size: Sequence[int]) -> Tensor:
         """The semantic head's logits, upsampled bilinearly to the padded batch ``size``."""
-        feats = {k: v.float() for k, v in features.items()}  # bf16 backbones: head in float32
-        logits = self.sem_seg_head(feats)
+        logits = self.sem_seg_head(features)
         return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
     def _semantic_labels(self, targets: List[Dict[str, Tensor]], sizes, padded) -> Tensor:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones import ShapeSpec, get_norm
+from backbones.fused import conv_norm_relu
 
 __all__ = ["ASPP", "ConvNormReLU", "DeepLabV3Head", "FCNHead", "SemanticFPNHead"]
 
@@ -41,6 +42,9 @@ class ConvNormReLU(nn.Module):
     """conv (k x k, optional dilation) -> norm -> ReLU; the conv has a bias only without a
     norm."""
 
+    conv_norm_pairs = (("conv", "norm"),)  # inference folding and fusion (detection.optimize)
+    relu_after_pairs = True
+
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: int, *, norm: str,
         dilation: int = 1,
@@ -52,7 +56,7 @@ class ConvNormReLU(nn.Module):
         self.norm = get_norm(norm, out_channels) if _uses_norm(norm) else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.norm(self.conv(x)))
+        return conv_norm_relu(self.conv, self.norm, x)
 
 
 def _check_features(features: Dict[str, Tensor], names: Sequence[str], who: str) -> None:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detection.modeling.preprocess import as_model_input
+
 __all__ = ["SemanticSegmentor"]
 
 
@@ -36,7 +38,11 @@ class SemanticSegmentor(nn.Module):
         loss_weight: weight of the main loss.
         metadata: what the K outputs mean (``detection.modeling.metadata.Metadata`` or any
             object with ``to_dict()``), saved with checkpoints.
+
+    In bf16 (``detection.optimize``) the backbone runs in bf16, the heads in float32.
     """
+
+    bf16_split = {"backbone": "input", "head": "fp32", "aux_head": "fp32"}
 
     def __init__(
         self, *, backbone: nn.Module, head: nn.Module, aux_head: Optional[nn.Module] = None,
@@ -121,6 +127,7 @@ class SemanticSegmentor(nn.Module):
         losses (``loss_sem_seg``, and ``loss_sem_seg_aux`` with an auxiliary head).
         Evaluation: a list with one ``{"sem_seg": (K, H_i, W_i) logits}`` per image."""
         batch, sizes = self.preprocess(images)
+        batch = as_model_input(self, batch)
         if self.training:
             if targets is None:
                 raise ValueError("SemanticSegmentor in training mode needs targets with "

@@ -96,8 +96,10 @@ def test_fused_and_winograd_modules_fall_back_to_plain_convs_on_cuda():
 
 @pytest.mark.parametrize("config", FAMILIES[:3])
 def test_optimize_for_inference_on_cuda_keeps_the_outputs(config):
+    from detection.optimize import optimize_for_inference
+
     plain = build(config, "cuda").eval()
-    fast = copy.deepcopy(plain).optimize_for_inference(precision="fp32")
+    fast = optimize_for_inference(copy.deepcopy(plain), precision="fp32")
     img = image().cuda()
     with torch.no_grad():
         want, got = plain([img])[0], fast([img])[0]

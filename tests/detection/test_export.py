@@ -16,6 +16,7 @@ from detection.deploy.export import sample_image
 from detection.engine.loading import build_model_from_cfg
 from detection.modeling.calibration import calibrate_batchnorm
 from detection.modeling.predictor import load_model, predict
+from detection.optimize import optimize_for_inference
 from segmentation.config import load_config  # Mask R-CNN's keys too
 
 # Sizes other than the traced 480x640, one of them an extreme aspect ratio.
@@ -151,7 +152,7 @@ def test_deformable_conv_is_refused_by_onnx(tmp_path):
 
 
 def test_fused_model_is_refused(tmp_path):
-    model = lively_model("fpn").optimize_for_inference()
+    model = optimize_for_inference(lively_model("fpn"))
     with pytest.raises(UnsupportedExportError, match="plain model"):
         export_model(model, tmp_path, "onnx")
 

@@ -11,6 +11,7 @@ from torchvision.ops import box_iou
 from detection.config import load_config
 from detection.modeling.build import build_model
 from detection.modeling.calibration import calibrate_batchnorm
+from detection.optimize import optimize_for_inference
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,8 +37,9 @@ def test_fused_inference_keeps_detections(monkeypatch, f6_min_pixels):
               torch.randint(0, 256, (3, 180, 140), generator=gen).float()]
     with torch.no_grad():
         calibrate_batchnorm(model, lambda: model(images))
-        plain = copy.deepcopy(model).optimize_for_inference(channels_last=False, fuse=False)
-        fast = model.optimize_for_inference(channels_last=True, fuse=True)
+        plain = optimize_for_inference(copy.deepcopy(model), channels_last=False,
+                                       fuse=False)
+        fast = optimize_for_inference(model, channels_last=True, fuse=True)
         assert any(type(m).__name__ == "FusedLinear" for m in fast.modules())
         # the FPN output convs and the RPN head's conv run as Winograd convolutions
         assert sum(getattr(m, "weight_winograd", None) is not None

@@ -20,6 +20,7 @@ from detection.deploy.agreement import compare_detections
 from detection.engine.loading import build_model_from_cfg
 from detection.modeling.precision import RefinedRPNHead, low_precision_parts
 from detection.modeling.rpn import RPNHead
+from detection.optimize import optimize_for_inference
 from segmentation.config import load_config
 
 SIZE = 160
@@ -81,8 +82,8 @@ def trained():
 
 @needs_native_bf16
 def test_bf16_keeps_detections_in_torch(trained):
-    fp32 = copy.deepcopy(trained).optimize_for_inference(precision="fp32")
-    bf16 = copy.deepcopy(trained).optimize_for_inference(precision="bf16")
+    fp32 = optimize_for_inference(copy.deepcopy(trained), precision="fp32")
+    bf16 = optimize_for_inference(copy.deepcopy(trained), precision="bf16")
     assert {p.dtype for p in bf16.backbone.parameters()} == {torch.bfloat16}
     assert low_precision_parts(bf16) == []  # Cast wrappers into bf16: none in Faster R-CNN
     assert {p.dtype for p in bf16.roi_heads.parameters()} == {torch.float32}
@@ -107,8 +108,8 @@ def test_bf16_keeps_detections_in_torch(trained):
 def test_proposals_of_a_bf16_model(trained):
     """``proposals()`` takes the input dtype the bf16 backbone runs in (it used to feed it
     float32 and fail), and gives float32's proposals up to bf16's error."""
-    fp32 = copy.deepcopy(trained).optimize_for_inference(precision="fp32")
-    bf16 = copy.deepcopy(trained).optimize_for_inference(precision="bf16")
+    fp32 = optimize_for_inference(copy.deepcopy(trained), precision="fp32")
+    bf16 = optimize_for_inference(copy.deepcopy(trained), precision="bf16")
     images, _ = shapes(4, seed=2)
     with torch.inference_mode():
         for img in images:
@@ -224,8 +225,8 @@ def tiny_detector():
 def test_optimize_for_inference_refuses_bf16_on_a_cpu_without_it(tiny_detector):
     with simulate_cpu(AVX2_CPU):
         with pytest.raises(PrecisionUnavailable, match="avx512_bf16"):
-            tiny_detector.optimize_for_inference(precision="bf16")
-        model = tiny_detector.optimize_for_inference(precision="auto")
+            optimize_for_inference(tiny_detector, precision="bf16")
+        model = optimize_for_inference(tiny_detector, precision="auto")
     assert model.precision == "fp32"
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
@@ -234,7 +235,7 @@ def test_simulated_bf16_cpu_makes_auto_pick_bf16_in_the_model(tiny_detector):
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU has no oneDNN bf16 kernels to run the bf16 model with")
     with simulate_cpu(AMX_CPU):
-        model = tiny_detector.optimize_for_inference(precision="auto")
+        model = optimize_for_inference(tiny_detector, precision="auto")
     assert model.precision == "bf16"
     assert {p.dtype for p in model.backbone.parameters()} == {torch.bfloat16}
 
