@@ -111,6 +111,10 @@ def detection_defaults() -> CfgNode:
     # size equals the json's after EXIF), "full" (also decode every image and validate every
     # segmentation) or "off".
     _C.DATALOADER.CHECK_DATA = "fast"
+    # Reuse the check's report saved by an earlier start ($DETKIT_CACHE/data_checks) while the
+    # json, the image folders and the files it found unusable are unchanged; False checks
+    # every image again and replaces the saved report.
+    _C.DATALOADER.CHECK_DATA_CACHE = True
 
     _C.SOLVER = _solver()
 

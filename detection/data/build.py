@@ -5,7 +5,10 @@ see :mod:`detection.data.check`): unusable records are left out, and the log say
 why, or, with ``DATALOADER.SKIP_MISSING_IMAGES`` False, :class:`~detection.data.check.
 DataCheckError` stops the run with the table of problems. A check is done once per process for
 the same records and mode (periodic evaluation does not repeat it); under torch.distributed,
-rank 0 checks and the others receive its report, so every rank keeps the same records.
+rank 0 checks and the others receive its report, so every rank keeps the same records. The
+report of a dataset read from a json is saved on disk and reused by the next start while the
+json and image folders are unchanged (``DATALOADER.CHECK_DATA_CACHE``; False checks again and
+replaces it; :func:`~detection.data.check.cached_check`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -20,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from detection.data.catalog import DatasetCatalog, get_metadata, set_datasets_root
-from detection.data.check import MODES, DataCheckError, apply_report, check_records
+from detection.data.check import MODES, DataCheckError, apply_report, cached_check, check_records
 from detection.data.coco import filter_images_without_annotations
 from detection.data.mapper import DatasetMapper, MapDataset, UnreadableImage
 from detection.data.report import DataReport
@@ -95,12 +99,29 @@ def _check_mode(cfg: Any, mode: str | None) -> str:
     return mode
 
 
+def _sources(names: Sequence[str]) -> list[tuple[str, str]] | None:
+    """(json file, image folder) of each named dataset; None when one has no json."""
+    sources = []
+    for n in names:
+        meta = get_metadata(n)
+        if not meta.get("json_file") or not meta.get("image_root"):
+            return None
+        sources.append((str(meta["json_file"]), str(meta["image_root"])))
+    return sources or None
+
+
 def check_report(cfg: Any, records: list[dict], names: Sequence[str] = (), *,
-                 mode: str | None = None, progress: bool = True) -> DataReport:
+                 mode: str | None = None, progress: bool = True,
+                 reuse: bool | None = None) -> DataReport:
     """The data check's report on ``records`` (mode: ``cfg.DATALOADER.CHECK_DATA`` unless
     given; "fast" or "full"). ``names`` are the datasets the records come from: the
-    annotations their json loader skipped are added. Cached per process; shared by rank 0."""
+    annotations their json loader skipped are added, and when each has a json the report is
+    saved on disk and reused while they are unchanged (``reuse``, default
+    ``cfg.DATALOADER.CHECK_DATA_CACHE``; False checks again and replaces the saved report).
+    Cached per process; shared by rank 0."""
     mode = _check_mode(cfg, mode)
+    if reuse is None:
+        reuse = bool(cfg.DATALOADER.get("CHECK_DATA_CACHE", True))
     model = cfg.get("MODEL", None)
     mask_on = bool(model.get("MASK_ON", False)) if model is not None else False
     name = ",".join(names) if names else "the given records"
@@ -114,9 +135,16 @@ def check_report(cfg: Any, records: list[dict], names: Sequence[str] = (), *,
         for kind, ids in get_metadata(n).get("load_problem_ids", {}).items():
             skipped.setdefault(kind, []).extend(ids)
     show = progress and dist_rank_world()[0] == 0
-    report = _on_rank0(lambda: check_records(
-        records, mode=mode, mask_on=mask_on, name=name, progress=show,
-        workers=min(8, os.cpu_count() or 1), load_problems=skipped))
+    options = dict(mode=mode, mask_on=mask_on, name=name, progress=show,
+                   workers=min(8, os.cpu_count() or 1), load_problems=skipped)
+    sources = _sources(names) if names else None
+
+    def run() -> DataReport:
+        if sources is None:
+            return check_records(records, **options)
+        return cached_check(records, sources=sources, reuse=reuse, **options)
+
+    report = _on_rank0(run)
     if len(_CHECKED) > 16:
         _CHECKED.clear()
     _CHECKED[key] = report
@@ -132,9 +160,11 @@ def use_datasets_root(cfg: Any) -> None:
 
 def check_datasets(cfg: Any, names: Sequence[str], *, mode: str | None = None
                    ) -> dict[str, DataReport]:
-    """Load and check each named dataset (tools/check_data.py); one report per name."""
+    """Load and check each named dataset (tools/check_data.py); one report per name. Every
+    image is checked (no saved report is read), and the reports are saved for training."""
     use_datasets_root(cfg)
-    return {n: check_report(cfg, get_dataset_records(n, filter_empty=False), [n], mode=mode)
+    return {n: check_report(cfg, get_dataset_records(n, filter_empty=False), [n], mode=mode,
+                            reuse=False)
             for n in names}
 
 
@@ -214,9 +244,10 @@ def build_train_loader(
     batch = total // world
     groups = [0 if r["width"] >= r["height"] else 1 for r in records]
     # one buffer instead of a list of dicts: forked workers do not copy it page by page
+    t0 = time.perf_counter()
     dataset = MapDataset(SerializedRecords(records), mapper, seed=seed)
-    logger.info("%d training records held serialized in %.1f MiB", len(dataset),
-                dataset.records.nbytes / 2**20)
+    logger.info("%d training records held serialized in %.1f MiB (%.1f s)", len(dataset),
+                dataset.records.nbytes / 2**20, time.perf_counter() - t0)
     if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
         sampler = TrainingSampler(len(records), seed=seed, rank=rank, world_size=world)
         batch_sampler = GroupedBatchSampler(sampler, groups, batch, start_batch=start_iter)

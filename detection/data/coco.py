@@ -40,6 +40,9 @@ A field of the wrong type (an image without ``id``, a ``height`` that is not a p
 an annotation that is not an object, an ``iscrowd`` that is not 0/1, ...) is refused with
 :class:`CocoFormatError` (a :class:`~detection.data.errors.DatasetError`) naming the json, the
 entry (``images[3]``, ``annotations[12] (id 40)``) and the field.
+
+Parsing the json and building the records each log their counts and time on sets over 5,000
+images (or when they take over a second).
 """
 
 from __future__ import annotations
@@ -199,6 +202,7 @@ def load_coco_json(
     json_file = os.path.abspath(os.fspath(json_file))
     image_root = os.path.abspath(os.fspath(image_root))
     data = read_coco_json(json_file)
+    t0 = time.perf_counter()
     try:
         meta = metadata_from_categories(data.get("categories", []))
     except CocoFormatError as e:
@@ -298,6 +302,10 @@ def load_coco_json(
     )
     if dataset_name is not None:
         meta["name"] = dataset_name
+    seconds = time.perf_counter() - t0
+    if seconds > 1.0 or len(records) > 5000:
+        logger.info("Built %d records (%d annotations) of %s in %.1f s", len(records),
+                    sum(len(r["annotations"]) for r in records.values()), name, seconds)
     return list(records.values()), meta
 
 

@@ -3,12 +3,15 @@
 Scale: the returned metrics are percentages (0-100), as detectron2 reports them; ``AP`` of
 perfect detections is 100.0. A metric pycocotools cannot compute (it gives -1, e.g. no ground
 truth in that area range, or a category without ground truth) is reported as NaN.
+
+At scale: each rank's predictions reach rank 0 in chunks (:data:`GATHER_CHUNK` images a
+message), results json files are written in one streaming pass, atomically
+(:func:`write_results_json`), and neither results nor ground truth are deep-copied.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import logging
@@ -16,7 +19,7 @@ import math
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import IO, Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +28,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detection.atomic_files import atomic_write
 from detection.modeling.metadata import to_dataset_ids
 
 __all__ = [
@@ -33,7 +37,9 @@ __all__ = [
     "coco_stats_to_metrics",
     "detections_to_coco_results",
     "format_per_category_table",
+    "gather_to_rank0",
     "write_coco_submission",
+    "write_results_json",
 ]
 
 logger = logging.getLogger(__name__)
@@ -160,11 +166,17 @@ def _faster_cocoeval() -> Any:
     return COCOeval_faster
 
 
+def _shallow(entries: Iterable[dict]) -> list[dict]:
+    """Copies of the entries' dicts, sharing their values (polygons, RLEs): evaluation adds
+    keys to them (``ignore``, an int ``id``), and must not add them to the caller's."""
+    return [dict(e) for e in entries]
+
+
 def _empty_results_coco(gt: Any) -> Any:
     dt = type(gt)()
     dt.dataset = {
-        "images": copy.deepcopy(gt.dataset["images"]),
-        "categories": copy.deepcopy(gt.dataset.get("categories", [])),
+        "images": _shallow(gt.dataset["images"]),
+        "categories": _shallow(gt.dataset.get("categories", [])),
         "annotations": [],
     }
     with contextlib.redirect_stdout(io.StringIO()):
@@ -262,19 +274,19 @@ class COCOEvaluator:
             )
 
     def _gather(self) -> list[dict[str, Any]] | None:
-        if self.distributed and dist.is_available() and dist.is_initialized():
-            parts: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, self._predictions)
-            if dist.get_rank() != 0:
+        """Every rank's predictions in rank order, one per image id, on rank 0; None elsewhere."""
+        parts: list[list[dict[str, Any]]] | None = [self._predictions]
+        if self.distributed and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() > 1:
+            parts = gather_to_rank0(self._predictions, chunk=GATHER_CHUNK)
+            if parts is None:
                 return None
-            preds = [p for part in parts for p in part]
-        else:
-            preds = list(self._predictions)
         seen, unique = set(), []
-        for p in preds:  # padded or repeated shards: keep one copy per image
-            if p["image_id"] not in seen:
-                seen.add(p["image_id"])
-                unique.append(p)
+        for part in parts:
+            for p in part:  # padded or repeated shards: keep one copy per image
+                if p["image_id"] not in seen:
+                    seen.add(p["image_id"])
+                    unique.append(p)
         return unique
 
     def evaluate(self) -> dict[str, dict[str, float]]:
@@ -288,11 +300,8 @@ class COCOEvaluator:
         if unknown:
             raise ValueError(f"image ids not in the ground truth: {sorted(unknown)[:10]}")
         if self.output_dir is not None:  # written even when no image could be read
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             path = self.output_dir / "coco_instances_results.json"
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(results))
-            os.replace(tmp, path)
+            write_results_json(path, results)
             logger.info("Wrote %d detections to %s", len(results), path)
         if not preds:
             logger.warning("COCOEvaluator: no images were processed; no AP to report")
@@ -304,8 +313,12 @@ class COCOEvaluator:
         if getattr(self, "_fast_gt", None) is None:
             from faster_coco_eval import COCO as FastCOCO
 
+            ds = self.coco_gt.dataset
+            dataset = {**ds, "images": _shallow(ds["images"]),
+                       "annotations": _shallow(ds.get("annotations", [])),
+                       "categories": _shallow(ds.get("categories", []))}
             with contextlib.redirect_stdout(io.StringIO()):
-                self._fast_gt = FastCOCO(copy.deepcopy(self.coco_gt.dataset))
+                self._fast_gt = FastCOCO(dataset)
         return self._fast_gt
 
     def _evaluate_task(
@@ -349,7 +362,7 @@ class COCOEvaluator:
 
 
 def write_coco_submission(
-    results: list[dict[str, Any]],
+    results: Iterable[dict[str, Any]],
     output_dir: str | os.PathLike,
     *,
     split: str = "test-dev2017",
@@ -366,11 +379,74 @@ def write_coco_submission(
     if "_" in alg or not alg:
         raise ValueError(f"alg must be a non-empty name without '_', got {alg!r}")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     name = f"{kind}_{split}_{alg}_results.json"
     json_path = out / name
-    json_path.write_text(json.dumps(results))
+    write_results_json(json_path, results)
     zip_path = out / (json_path.stem + ".zip")
-    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as z:
-        z.write(json_path, arcname=name)
+
+    def write_zip(f: IO[bytes]) -> None:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            z.write(json_path, arcname=name)  # read from the file in blocks
+
+    atomic_write(zip_path, write_zip)
     return zip_path
+
+
+def write_results_json(path: str | os.PathLike, results: Iterable[dict[str, Any]], *,
+                       batch: int = 2048) -> int:
+    """Write ``results`` to ``path`` as one json list, the same text as ``json.dump`` gives,
+    in one pass: ``batch`` entries are encoded and written at a time (no string of the whole
+    file is built). Atomic (a crash leaves the previous file or none). Returns the count."""
+    encode = json.JSONEncoder().encode  # json.dump's defaults
+    count = 0
+
+    def write(f: IO[str]) -> None:
+        chunk: list[dict[str, Any]] = []
+
+        def flush() -> None:
+            nonlocal count
+            # "[e1, e2]" without its brackets: the entries as json.dump separates them
+            f.write((", " if count else "") + encode(chunk)[1:-1])
+            count += len(chunk)
+            chunk.clear()
+
+        f.write("[")
+        for entry in results:
+            chunk.append(entry)
+            if len(chunk) == batch:
+                flush()
+        if chunk:
+            flush()
+        f.write("]")
+
+    atomic_write(path, write, binary=False)
+    return count
+
+
+# Images per message when predictions are gathered to rank 0: the serialized form of one
+# round (a chunk from every rank) is what rank 0 holds besides the predictions themselves.
+GATHER_CHUNK = 500
+
+
+def gather_to_rank0(items: list[Any], *, chunk: int = GATHER_CHUNK) -> list[list[Any]] | None:
+    """Each rank's ``items`` on rank 0, one list per rank in rank order (None on the others).
+
+    Sent in rounds of ``chunk`` items per rank with ``gather_object`` (to rank 0 only, not to
+    every rank as ``all_gather_object`` does); rank 0 keeps its own list as it is, adds each
+    round to the lists and drops the round's buffers before the next."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    counts: list[Any] = [None] * world
+    dist.all_gather_object(counts, len(items))
+    rounds = max(math.ceil(int(n) / chunk) for n in counts)
+    parts: list[list[Any]] | None = None
+    if rank == 0:
+        parts = [list(items)] + [[] for _ in range(world - 1)]
+    for k in range(rounds):
+        piece = [] if rank == 0 else items[k * chunk:(k + 1) * chunk]
+        box: list[Any] | None = [None] * world if rank == 0 else None
+        dist.gather_object(piece, box, dst=0)
+        if parts is not None and box is not None:
+            for r in range(1, world):
+                parts[r].extend(box[r])
+        del box, piece
+    return parts

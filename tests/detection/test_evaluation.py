@@ -239,6 +239,7 @@ def _dist_worker(rank, world, init_file, gt_path, inputs, outputs, out_file):
         dist.destroy_process_group()
 
 
+@pytest.mark.starts_processes
 def test_distributed_gather_equals_single_process(gt, tmp_path):
     path, images, anns = gt
     inputs, outputs = _outputs(images, anns, np.random.default_rng(2))
