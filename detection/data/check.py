@@ -1,35 +1,14 @@
 """The data check: every record's image and annotations, before training and evaluation.
 
-Two depths (``DATALOADER.CHECK_DATA``):
+Two depths (``DATALOADER.CHECK_DATA``): ``fast`` opens each file's header (it exists, is an
+image, and its size after EXIF orientation is the record's height/width); ``full`` also decodes
+every image as the mapper will and validates every segmentation.
 
-- ``fast``: the file exists, is not empty, has a readable image header (opened, not decoded),
-  and its size after EXIF orientation is the record's height/width;
-- ``full``: also decodes every image exactly as the mapper will (a truncated JPEG passes the
-  header test and fails here) and validates every segmentation (polygons and RLEs).
-
-What each problem gets (the ``ACTIONS`` table; ``record`` problems make the record unusable):
-
-==================== ======== ==============================================================
-kind                 level    action
-==================== ======== ==============================================================
-missing_file         record   left out (SKIP_MISSING_IMAGES) or DataCheckError
-empty_file           record   same
-not_an_image         record   same (a text file named .jpg, an unknown format)
-undecodable          record   same (``full`` only: truncated or corrupt image data)
-size_mismatch        record   same: the boxes' frame is unknown, so no guess is made
-no_size              record   fixed: height/width taken from the file
-unknown_image        ann      skipped by the json loader (its image_id is not in the json)
-unknown_category     ann      skipped by the json loader
-degenerate_box       ann      skipped (zero or negative width/height)
-outside_image        ann      skipped (no part inside the image)
-invalid_box          ann      skipped (missing, not 4 finite numbers)
-clipped              ann      fixed: clipped to the image by the json loader
-invalid_annotation   ann      skipped (a record field the mapper cannot read)
-invalid_segmentation ann      ``full`` only: skipped with MASK_ON, reported otherwise
-==================== ======== ==============================================================
-
-Grayscale, palette, RGBA, 16-bit, CMYK and EXIF-rotated images are converted by
-:func:`~detection.data.image_io.read_image` and are not problems.
+What each kind of problem gets is the ``ACTIONS`` table (kind -> level, action; docs/training.md
+lists it): a ``record`` problem (missing, empty, not an image, undecodable, size mismatch) makes
+the record unusable, left out with ``DATALOADER.SKIP_MISSING_IMAGES`` or a ``DataCheckError``;
+an ``ann`` problem skips or fixes the annotation. Grayscale, palette, RGBA, 16-bit, CMYK and
+EXIF-rotated images are converted by :func:`~detection.data.image_io.read_image`, not problems.
 
 :func:`cached_check` saves a report under ``$DETKIT_CACHE/data_checks`` (default
 ``~/.cache/detkit/data_checks``) and reuses it while the json files, the folders holding the

@@ -1,48 +1,19 @@
 """COCO-format json -> per-image records (the dataset format every other part reads).
 
-A record is a plain dict::
+A record is a plain dict: ``file_name`` (absolute path), ``height``, ``width``, ``image_id``
+(the json's) and ``annotations`` (may be empty), each with ``bbox`` ``[x0, y0, x1, y1]`` float
+xyxy in image pixels (from COCO's xywh), ``category_id`` contiguous 0..K-1 (categories ordered
+by dataset id: ids 3, 7, 42 become 0, 1, 2), ``iscrowd``, ``segmentation`` as in the json
+(polygons or RLE), and ``area`` and ``id`` when the json has them.
 
-    {
-        "file_name": str,            # absolute path of the image
-        "height": int, "width": int, # image size from the json
-        "image_id": int,             # the json's image id
-        "annotations": [             # may be empty (kept for evaluation)
-            {
-                "bbox": [x0, y0, x1, y1],   # float, xyxy in image pixels (from COCO xywh)
-                "category_id": int,          # contiguous 0..K-1
-                "segmentation": ...,         # polygons (list of lists) or RLE dict, as in json
-                "iscrowd": 0 or 1,
-                "area": float, "id": int,    # copied from the json when present
-            },
-        ],
-    }
-
-Metadata is a dict: ``thing_classes`` (names in contiguous order),
-``thing_dataset_id_to_contiguous_id``, ``contiguous_id_to_dataset_id`` (list), ``json_file``,
-``image_root``, ``evaluator_type`` and ``load_stats`` (what was skipped or clipped, counted).
-
-Categories are ordered by their dataset id, so ids 3, 7, 42 become 0, 1, 2.
-
-Annotations that cannot be used are handled like this (counts in ``load_stats``, one warning
-each kind):
-
-- category id not among the json's categories: skipped and counted (``unknown_category="skip"``,
-  the default) or an error naming the annotation id (``unknown_category="error"``);
-- box of zero or negative width/height (or under ``MIN_BOX_SIZE``, 0.01 px, which float32
-  coordinates cannot hold apart), or not finite, or missing: skipped and counted;
-- box partly outside the image: clipped to it (counted as ``clipped``);
-- box entirely outside the image: skipped and counted.
-
-The metadata's ``load_problem_ids`` lists, per reason, the ids of those annotations (for the
-data check's report).
-
-A field of the wrong type (an image without ``id``, a ``height`` that is not a positive integer,
-an annotation that is not an object, an ``iscrowd`` that is not 0/1, ...) is refused with
-:class:`CocoFormatError` (a :class:`~detection.data.errors.DatasetError`) naming the json, the
-entry (``images[3]``, ``annotations[12] (id 40)``) and the field.
-
-Parsing the json and building the records each log their counts and time on sets over 5,000
-images (or when they take over a second).
+Metadata is a dict: ``thing_classes``, ``thing_dataset_id_to_contiguous_id``,
+``contiguous_id_to_dataset_id``, ``json_file``, ``image_root``, ``evaluator_type``,
+``load_stats`` (counts of what was skipped or clipped) and ``load_problem_ids`` (their ids, for
+the data check's report). An annotation with an unknown category is skipped (or an error with
+``unknown_category="error"``); a box that is degenerate (under 0.01 px), not finite, missing or
+entirely outside the image is skipped; one partly outside is clipped. A field of the wrong type
+is refused with :class:`CocoFormatError` naming the json, the entry (``annotations[12] (id
+40)``) and the field. Parsing and record building log their counts and time on large sets.
 """
 
 from __future__ import annotations
