@@ -19,18 +19,20 @@ from .shape_spec import ShapeSpec
 
 
 class ConvNorm(nn.Module):
-    """A conv followed by an optional norm; the conv has a bias only without a norm.
+    """A conv followed by an optional norm; the conv has a bias only without a norm, unless
+    ``bias`` says otherwise (FCOS's heads put a biased conv before their GroupNorm).
     ``forward(x, addend)`` adds ``addend`` to the result (FPN's top-down sum), inside the
     conv once inference fusion has folded the norm (``fuse_conv_relu``)."""
 
     conv_norm_pairs = (("conv", "norm"),)
     addend_after_pairs = True
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm: str) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm: str,
+                 *, bias: Optional[bool] = None) -> None:
         super().__init__()
         use_norm = norm not in ("none", "", None)
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size,
-                              padding=kernel_size // 2, bias=not use_norm)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
+                              bias=not use_norm if bias is None else bias)
         self.norm = get_norm(norm, out_channels) if use_norm else nn.Identity()
         nn.init.kaiming_uniform_(self.conv.weight, a=1)
         if self.conv.bias is not None:

@@ -44,8 +44,9 @@ KEYS_KEPT_FOR_COMPATIBILITY: dict[str, str] = {
 # Keys that this tree dropped or that other toolkits spell differently: loading one is an error
 # that names the key to use instead.
 RENAMED_KEYS: dict[str, str] = {
-    "TEST.DETECTIONS_PER_IMAGE": "MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE (R-CNN) or "
-                                 "MODEL.RETINANET.DETECTIONS_PER_IMAGE (RetinaNet)",
+    "TEST.DETECTIONS_PER_IMAGE": "MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE (R-CNN), "
+                                 "MODEL.RETINANET.DETECTIONS_PER_IMAGE (RetinaNet) or "
+                                 "MODEL.FCOS.DETECTIONS_PER_IMAGE (FCOS)",
     "INPUT.FORMAT": "MODEL.INPUT_FORMAT (images always enter as RGB; it is the weights' order)",
     "INPUT.MASK_FORMAT": "nothing: the mapper reads polygons, RLE and bitmasks as the json holds "
                          "them; remove the key",
@@ -249,7 +250,7 @@ def _model() -> CfgNode:
     _M.RPN.MIN_SIZE = 0.0  # proposals need width and height above it
 
     _M.ROI_HEADS = CfgNode()
-    _M.ROI_HEADS.NAME = "Res5ROIHeads"  # or "StandardROIHeads" (FPN); registry.ROI_HEADS
+    _M.ROI_HEADS.NAME = "Res5ROIHeads"  # "StandardROIHeads" (FPN), "CascadeROIHeads"; registry
     _M.ROI_HEADS.NUM_CLASSES = 80
     _M.ROI_HEADS.IN_FEATURES = ["res4"]
     _M.ROI_HEADS.IOU_THRESHOLDS = [0.5]
@@ -262,6 +263,7 @@ def _model() -> CfgNode:
     _M.ROI_HEADS.MIN_BOX_SIZE = 0.0  # torchvision drops detections under 1e-2 pixels
 
     _M.RETINANET = _retinanet()
+    _M.FCOS = _fcos()
 
     _M.ROI_BOX_HEAD = CfgNode()
     _M.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"  # registry.ROI_BOX_HEADS; FPN's box head
@@ -279,6 +281,13 @@ def _model() -> CfgNode:
     # Box-to-level rule: "detectron2" floor(4 + log2(s/224 + 1e-8)), "torchvision"
     # floor(4 + log2(s/224) + 1e-6).
     _M.ROI_BOX_HEAD.POOLER_LEVEL_MAPPING = "detectron2"
+
+    # Cascade R-CNN (ROI_HEADS.NAME "CascadeROIHeads"): per stage, the IoU at which its RoIs
+    # are foreground (the first must equal ROI_HEADS.IOU_THRESHOLDS) and its box coding weights
+    _M.ROI_BOX_CASCADE_HEAD = CfgNode()
+    _M.ROI_BOX_CASCADE_HEAD.IOUS = (0.5, 0.6, 0.7)
+    _M.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS = (
+        (10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
     return _M
 
 
@@ -316,3 +325,29 @@ def _retinanet() -> CfgNode:
     # "per_image": each image's sum over its own foreground count, averaged (torchvision).
     r.LOSS_NORMALIZER = "ema"
     return r
+
+
+def _fcos() -> CfgNode:
+    """FCOS (``MODEL.META_ARCHITECTURE: FCOS``): detectron2's names where its FCOS has them,
+    and both peers' defaults (``configs/torchvision/fcos_resnet50_fpn.yaml``). Its points are
+    squares of the level strides: MODEL.ANCHOR_GENERATOR gives only OFFSET and INFER_STRIDES."""
+    f = CfgNode()
+    f.NUM_CLASSES = 80  # foreground classes
+    f.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    f.NUM_CONVS = 4  # 3x3 convs of each tower (classification, box), shared by the levels
+    f.HEAD_NORM = "GN"  # after each tower conv (GroupNorm, 32 groups); "" for none
+    f.TOP_BLOCK_IN = "p5"  # P6 (and P7 from relu(P6)) from "p5" (both peers) or "c5"
+    f.PRIOR_PROB = 0.01  # initial foreground probability: the bias of the class logits
+    # A point is foreground for a box only if the box's centre is within this many of its
+    # level's strides (torchvision's center_sampling_radius)
+    f.CENTER_SAMPLING_RADIUS = 1.5
+    f.FOCAL_LOSS_ALPHA = 0.25
+    f.FOCAL_LOSS_GAMMA = 2.0
+    f.BOX_REG_LOSS = "giou"  # on the decoded boxes; or "diou", "ciou"
+    # Per level, the top TOPK_CANDIDATES_TEST sqrt(class x centerness) scores above
+    # SCORE_THRESH_TEST; then a per-class NMS
+    f.SCORE_THRESH_TEST = 0.2
+    f.TOPK_CANDIDATES_TEST = 1000
+    f.NMS_THRESH_TEST = 0.6
+    f.DETECTIONS_PER_IMAGE = 100
+    return f

@@ -12,6 +12,8 @@ Each family is declared by the package that owns it, in one visible place:
   (:data:`FASTER_RCNN`).
 - ``RetinaNet``: RetinaNet (one stage, focal loss on P3-P7), declared here
   (:data:`RETINANET`).
+- ``FCOS``: FCOS (one stage, anchor-free, points with centerness on P3-P7), declared here
+  (:data:`FCOS`).
 - ``MaskRCNN``: Mask R-CNN, declared in ``segmentation/mask_rcnn/family.py``; detectron2's
   spelling, ``GeneralizedRCNN`` with ``MODEL.MASK_ON: True``, means it too.
 - ``SemanticSegmentor``: Semantic FPN, DeepLabV3 and FCN, declared in
@@ -35,6 +37,7 @@ __all__ = [
     "FAMILIES",
     "FamilyModel",
     "FASTER_RCNN",
+    "FCOS",
     "RETINANET",
     "ModelFamily",
     "attach_instance_metadata",
@@ -263,5 +266,36 @@ RETINANET = register_family(
         build_mapper=_detection_mapper,
         build_evaluator=coco_evaluator("bbox"),
         attach_metadata=_attach_retinanet_metadata,
+    )
+)
+
+
+# ----------------------------------------------------------------- FCOS
+
+
+def _build_fcos(cfg: Any) -> nn.Module:
+    from detection.modeling.build import build_fcos
+
+    return build_fcos(cfg)
+
+
+def _convert_fcos(checkpoint: Mapping[str, Any]) -> StateDict:
+    from detection.modeling.fcos_convert import to_ours
+
+    return to_ours(checkpoint)
+
+
+def _attach_fcos_metadata(cfg: Any) -> None:
+    attach_instance_metadata(cfg, "MODEL.FCOS.NUM_CLASSES")
+
+
+FCOS = register_family(
+    ModelFamily(
+        name="FCOS",
+        build=_build_fcos,
+        load_weights=strict_weight_loader(_convert_fcos),
+        build_mapper=_detection_mapper,
+        build_evaluator=coco_evaluator("bbox"),
+        attach_metadata=_attach_fcos_metadata,
     )
 )

@@ -108,9 +108,14 @@ RUNS = {
         "MODEL.RETINANET.NUM_CONVS": 1, "MODEL.RETINANET.LOSS_NORMALIZER": "per_image",
         "MODEL.RETINANET.MATCHER": "atss",  # the IoU matcher trains in test_retinanet.py
         "MODEL.FPN.OUT_CHANNELS": 64}),  # GroupNorm(32) on a 1x1 p7 needs 2 channels a group
+    "fcos": ("fcos_r18_fpn_shapes.yaml", {
+        "MODEL.FCOS.NUM_CONVS": 1, "MODEL.FPN.OUT_CHANNELS": 64}),
     "mask_rcnn": ("mask_rcnn_r18_fpn_shapes.yaml", {
         "MODEL.ROI_BOX_HEAD.FC_DIM": 32, "MODEL.ROI_MASK_HEAD.CONV_DIM": 8,
         "MODEL.ROI_MASK_HEAD.NUM_CONV": 1}),
+    "cascade_mask_rcnn": ("mask_rcnn_r18_fpn_shapes.yaml", {
+        "MODEL.ROI_HEADS.NAME": "CascadeROIHeads", "MODEL.ROI_BOX_HEAD.FC_DIM": 32,
+        "MODEL.ROI_MASK_HEAD.CONV_DIM": 8, "MODEL.ROI_MASK_HEAD.NUM_CONV": 1}),
     "semantic_fpn": ("semantic_fpn_r18_shapes.yaml", {
         "MODEL.SEM_SEG_HEAD.CONVS_DIM": 32, "INPUT.CROP.ENABLED": True,
         "INPUT.CROP.SIZE": "[48, 48]"}),

@@ -73,6 +73,39 @@ class BoxCoder:
         return torch.stack((cx - half_w, cy - half_h, cx + half_w, cy + half_h), dim=-1)
 
 
+class LinearBoxCoder:
+    """FCOS's box coding: a box as the distances ``(l, t, r, b)`` from the centre of a
+    reference box (an anchor point's square) to the box's four sides, in units of the
+    reference's width and height (``normalize_by_size``, as both peers' FCOS) or in pixels."""
+
+    def __init__(self, normalize_by_size: bool = True) -> None:
+        self.normalize_by_size = bool(normalize_by_size)
+
+    def _centres_and_scale(self, references: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        cx = 0.5 * (references[..., 0] + references[..., 2])
+        cy = 0.5 * (references[..., 1] + references[..., 3])
+        w, h = box_sizes(references)
+        return cx, cy, torch.stack((w, h, w, h), dim=-1)
+
+    def encode(self, targets: Tensor, references: Tensor) -> Tensor:
+        """Distances ``(..., 4)`` from the centres of ``references`` ``(..., 4)`` to the sides
+        of ``targets`` ``(..., 4)``; negative where a centre lies outside its target."""
+        cx, cy, scale = self._centres_and_scale(references)
+        dist = torch.stack((cx - targets[..., 0], cy - targets[..., 1],
+                            targets[..., 2] - cx, targets[..., 3] - cy), dim=-1)
+        return dist / scale if self.normalize_by_size else dist
+
+    def decode(self, distances: Tensor, references: Tensor) -> Tensor:
+        """Boxes ``(..., 4)`` xyxy from ``distances`` ``(..., 4)`` around the centres of
+        ``references`` (broadcast)."""
+        references = references.to(distances.dtype)
+        cx, cy, scale = self._centres_and_scale(references)
+        if self.normalize_by_size:
+            distances = distances * scale
+        return torch.stack((cx - distances[..., 0], cy - distances[..., 1],
+                            cx + distances[..., 2], cy + distances[..., 3]), dim=-1)
+
+
 def clip_boxes(boxes: Tensor, limits: Tensor) -> Tensor:
     """Clamp ``boxes`` ``(..., 4)`` to ``[0, w] x [0, h]``; ``limits`` broadcasts against the
     boxes and holds ``(w, h, w, h)`` in its last dimension."""

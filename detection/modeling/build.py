@@ -11,8 +11,11 @@ from backbones import FPN, ShapeSpec, make_stage
 from backbones.base import Backbone
 
 from .anchors import AnchorGenerator
-from .box_ops import BoxCoder
+from .box_ops import BoxCoder, LinearBoxCoder
+from .cascade import CascadeROIHeads
 from .faster_rcnn import GeneralizedRCNN
+from .fcos import BOX_LOSSES as FCOS_BOX_LOSSES
+from .fcos import FCOS, FCOSHead
 from .matcher import ATSSMatcher, Matcher
 from .metadata import Metadata
 from .poolers import ROIPooler
@@ -173,28 +176,40 @@ def _pooler(cfg: CfgNode, strides) -> ROIPooler:
                      aligned=b.POOLER_TYPE == "ROIAlignV2", eps=eps, eps_inside_log=inside)
 
 
+def roi_heads_options(cfg: CfgNode, shapes: Dict[str, ShapeSpec]) -> Dict[str, Any]:
+    """The options of ``MODEL.ROI_HEADS`` and ``MODEL.ROI_BOX_HEAD`` that every RoI heads take:
+    features, pooler, sampling, loss and inference settings."""
+    h, b = cfg.MODEL.ROI_HEADS, cfg.MODEL.ROI_BOX_HEAD
+    in_features = list(h.IN_FEATURES)
+    return dict(
+        in_features=in_features, pooler=_pooler(cfg, [shapes[f].stride for f in in_features]),
+        num_classes=h.NUM_CLASSES, batch_size_per_image=h.BATCH_SIZE_PER_IMAGE,
+        positive_fraction=h.POSITIVE_FRACTION, proposal_append_gt=h.PROPOSAL_APPEND_GT,
+        smooth_l1_beta=b.SMOOTH_L1_BETA, score_thresh=h.SCORE_THRESH_TEST,
+        nms_thresh=h.NMS_THRESH_TEST, detections_per_image=h.DETECTIONS_PER_IMAGE,
+        min_box_size=h.MIN_BOX_SIZE,
+    )
+
+
 def build_roi_heads(cfg: CfgNode, shapes: Dict[str, ShapeSpec],
                     res5: Optional[nn.Sequential] = None,
                     mask_head: Optional[nn.Module] = None) -> StandardROIHeads:
     """``StandardROIHeads`` with a conv/FC box head (FPN) or, for "Res5ROIHeads", with res5 as
-    the box head (pass the stage built for it, or one is built)."""
+    the box head (pass the stage built for it, or one is built); a ``MODEL.ROI_HEADS.NAME``
+    whose builder makes whole RoI heads ("CascadeROIHeads") gets them as they are built."""
     h, b = cfg.MODEL.ROI_HEADS, cfg.MODEL.ROI_BOX_HEAD
-    in_features = list(h.IN_FEATURES)
-    pooler = _pooler(cfg, [shapes[f].stride for f in in_features])
-    box_head = ROI_HEADS.get(h.NAME)(cfg, shapes, in_features, res5)
+    box_head = ROI_HEADS.get(h.NAME)(cfg, shapes, list(h.IN_FEATURES), res5)
+    if isinstance(box_head, StandardROIHeads):
+        box_head.mask_head = mask_head
+        return box_head
     if len(h.IOU_THRESHOLDS) != 1:
         raise ValueError("MODEL.ROI_HEADS.IOU_THRESHOLDS takes one threshold")
     thresh = h.IOU_THRESHOLDS[0]
     return StandardROIHeads(
-        in_features=in_features, pooler=pooler, box_head=box_head,
+        **roi_heads_options(cfg, shapes), box_head=box_head,
         box_predictor=FastRCNNPredictor(box_head.out_dim, h.NUM_CLASSES),
-        num_classes=h.NUM_CLASSES, box_coder=BoxCoder(b.BBOX_REG_WEIGHTS, b.BBOX_SCALE_CLAMP),
-        matcher=Matcher((thresh, thresh), allow_low_quality_matches=False),
-        batch_size_per_image=h.BATCH_SIZE_PER_IMAGE, positive_fraction=h.POSITIVE_FRACTION,
-        proposal_append_gt=h.PROPOSAL_APPEND_GT, smooth_l1_beta=b.SMOOTH_L1_BETA,
-        score_thresh=h.SCORE_THRESH_TEST, nms_thresh=h.NMS_THRESH_TEST,
-        detections_per_image=h.DETECTIONS_PER_IMAGE, min_box_size=h.MIN_BOX_SIZE,
-        mask_head=mask_head,
+        box_coder=BoxCoder(b.BBOX_REG_WEIGHTS, b.BBOX_SCALE_CLAMP),
+        matcher=Matcher((thresh, thresh), allow_low_quality_matches=False), mask_head=mask_head,
     )
 
 
@@ -224,6 +239,29 @@ def _res5_roi_box_head(cfg: CfgNode, shapes: Dict[str, ShapeSpec], in_features: 
                           norm=r.NORM, groups=r.NUM_GROUPS, width_per_group=r.WIDTH_PER_GROUP,
                           stride_in_1x1=r.STRIDE_IN_1X1)
     return Res5BoxHead(res5, 512 * type(res5[-1]).expansion)
+
+
+@ROI_HEADS.register("CascadeROIHeads")
+def build_cascade_roi_heads(cfg: CfgNode, shapes: Dict[str, ShapeSpec], in_features: List[str],
+                            res5: Optional[nn.Sequential]) -> CascadeROIHeads:
+    """Cascade R-CNN's RoI heads (detectron2's): one box head (``MODEL.ROI_BOX_HEAD.NAME``)
+    and class-agnostic predictor per stage, ``MODEL.ROI_BOX_CASCADE_HEAD.IOUS`` and
+    ``BBOX_REG_WEIGHTS`` giving the stages' IoUs and box coding."""
+    h, b, c = cfg.MODEL.ROI_HEADS, cfg.MODEL.ROI_BOX_HEAD, cfg.MODEL.ROI_BOX_CASCADE_HEAD
+    ious, weights = [float(t) for t in c.IOUS], [tuple(w) for w in c.BBOX_REG_WEIGHTS]
+    if len(ious) != len(weights) or not ious:
+        raise ValueError(f"MODEL.ROI_BOX_CASCADE_HEAD: IOUS gives {len(ious)} stages, "
+                         f"BBOX_REG_WEIGHTS {len(weights)}; one of each per stage")
+    if list(h.IOU_THRESHOLDS) != [ious[0]]:
+        raise ValueError(f"MODEL.ROI_HEADS.IOU_THRESHOLDS {list(h.IOU_THRESHOLDS)} must be the "
+                         f"first stage's IoU, [{ious[0]}] (MODEL.ROI_BOX_CASCADE_HEAD.IOUS)")
+    box_heads = [ROI_BOX_HEADS.get(b.NAME)(cfg, shapes[in_features[0]].channels) for _ in ious]
+    return CascadeROIHeads(
+        **roi_heads_options(cfg, shapes), box_heads=box_heads,
+        box_predictors=[FastRCNNPredictor(head.out_dim, h.NUM_CLASSES, class_agnostic=True)
+                        for head in box_heads],
+        box_coders=[BoxCoder(w, b.BBOX_SCALE_CLAMP) for w in weights], stage_ious=ious,
+    )
 
 
 @ROI_BOX_HEADS.register("FastRCNNConvFCHead")
@@ -333,6 +371,49 @@ def build_retinanet(cfg: CfgNode) -> RetinaNet:
         topk_candidates=r.TOPK_CANDIDATES_TEST, nms_thresh=r.NMS_THRESH_TEST,
         detections_per_image=r.DETECTIONS_PER_IMAGE,
         metadata=build_metadata(cfg, r.NUM_CLASSES),
+    )
+    return model.to(cfg.MODEL.DEVICE)
+
+
+def build_fcos(cfg: CfgNode) -> FCOS:
+    """FCOS as ``MODEL.FCOS`` describes it, on an FPN with a P6/P7 top block (random head;
+    ImageNet backbone weights when ``MODEL.BACKBONE.WEIGHTS`` names them). Its points are
+    squares of each level's stride; of ``MODEL.ANCHOR_GENERATOR`` only ``OFFSET`` and
+    ``INFER_STRIDES`` apply. ``MODEL.WEIGHTS`` is loaded by the family's loader."""
+    f = cfg.MODEL.FCOS
+    if resolve_backbone(cfg)[1] != "fpn":
+        raise ValueError("FCOS runs on an FPN: set MODEL.BACKBONE.NECK 'fpn' (or NAME "
+                         "'resnet_fpn')")
+    if f.TOP_BLOCK_IN not in ("c5", "p5"):
+        raise ValueError(f"MODEL.FCOS.TOP_BLOCK_IN must be 'c5' or 'p5', got {f.TOP_BLOCK_IN!r}")
+    if f.BOX_REG_LOSS not in FCOS_BOX_LOSSES:
+        raise ValueError(f"MODEL.FCOS.BOX_REG_LOSS must be one of {tuple(FCOS_BOX_LOSSES)}, got "
+                         f"{f.BOX_REG_LOSS!r}")
+    backbone = build_detector_backbone(cfg, top_block="p6p7", top_block_in=f.TOP_BLOCK_IN)
+    shapes = backbone.output_shape()
+    in_features = list(f.IN_FEATURES)
+    missing = [name for name in in_features if name not in shapes]
+    if missing:
+        raise ValueError(f"MODEL.FCOS.IN_FEATURES {missing} are not outputs of the backbone, "
+                         f"which gives {list(shapes)}")
+    channels = {shapes[name].channels for name in in_features}
+    if len(channels) != 1:
+        raise ValueError(f"FCOS inputs {in_features} must share a channel count, got {channels}")
+    strides = [shapes[name].stride for name in in_features]
+    a = cfg.MODEL.ANCHOR_GENERATOR
+    points = AnchorGenerator(sizes=[[s] for s in strides], aspect_ratios=[[1.0]],
+                             strides=strides, offset=a.OFFSET, infer_strides=a.INFER_STRIDES)
+    head = FCOSHead(in_channels=channels.pop(), num_classes=f.NUM_CLASSES,
+                    num_convs=f.NUM_CONVS, norm=_norm(f.HEAD_NORM), prior_prob=f.PRIOR_PROB)
+    model = FCOS(
+        preprocessor=build_preprocessor(cfg, backbone.size_divisibility), backbone=backbone,
+        head=head, points=points, in_features=in_features,
+        box_coder=LinearBoxCoder(normalize_by_size=True),
+        center_sampling_radius=f.CENTER_SAMPLING_RADIUS, focal_alpha=f.FOCAL_LOSS_ALPHA,
+        focal_gamma=f.FOCAL_LOSS_GAMMA, box_loss=f.BOX_REG_LOSS,
+        score_thresh=f.SCORE_THRESH_TEST, topk_candidates=f.TOPK_CANDIDATES_TEST,
+        nms_thresh=f.NMS_THRESH_TEST, detections_per_image=f.DETECTIONS_PER_IMAGE,
+        metadata=build_metadata(cfg, f.NUM_CLASSES),
     )
     return model.to(cfg.MODEL.DEVICE)
 

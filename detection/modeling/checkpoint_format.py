@@ -4,18 +4,23 @@ Each family contributes the key prefixes that mark each source format ("torchvis
 "detectron2", "ours") with ``register_format_marks``; ``detect_format(checkpoint, family)``
 checks a checkpoint's keys against them, in the order they were registered. A checkpoint of
 another family is named as such in the error (a Faster R-CNN file given to a RetinaNet config),
-any other shows its first keys. ResNet backbone files have their own detection
+any other shows its first keys. A family whose checkpoints share another's names and add their
+own (FCOS: RetinaNet's head plus a centerness branch) also declares the keys only its
+checkpoints hold (``register_family_marks``): a checkpoint with one is that family's, one
+without is not. ResNet backbone files have their own detection
 (``backbones.convert.detect_format``), as they hold no detector keys.
 """
 
 from typing import Any, Dict, List, Mapping, Tuple
 
-__all__ = ["detect_format", "register_format_marks", "state_dict_of"]
+__all__ = ["detect_format", "register_family_marks", "register_format_marks", "state_dict_of"]
 
 # family -> [(format, key prefixes)], in the order they are tried
 FORMAT_MARKS: Dict[str, List[Tuple[str, Tuple[str, ...]]]] = {}
 # what a family's checkpoints are, in errors ("two-stage (R-CNN)")
 _DESCRIPTIONS: Dict[str, str] = {}
+# family -> key prefixes that only its checkpoints hold, in any format
+FAMILY_MARKS: Dict[str, Tuple[str, ...]] = {}
 
 
 def register_format_marks(family: str, fmt: str, *prefixes: str, description: str = "") -> None:
@@ -24,6 +29,21 @@ def register_format_marks(family: str, fmt: str, *prefixes: str, description: st
     FORMAT_MARKS.setdefault(family, []).append((fmt, tuple(prefixes)))
     if description:
         _DESCRIPTIONS[family] = description
+
+
+def register_family_marks(family: str, *prefixes: str) -> None:
+    """Checkpoints with a key starting with one of ``prefixes`` belong to ``family`` and to
+    no other; ``family``'s checkpoints always hold one."""
+    FAMILY_MARKS[family] = FAMILY_MARKS.get(family, ()) + tuple(prefixes)
+
+
+def _owner(keys: List[str]) -> Tuple[str, str]:
+    """(the family whose own marks a key has, that key), or ("", "")."""
+    for family, prefixes in FAMILY_MARKS.items():
+        for k in keys:
+            if k.startswith(prefixes):
+                return family, k
+    return "", ""
 
 
 def state_dict_of(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -51,13 +71,20 @@ def _marked(keys: List[str], family: str) -> Tuple[str, str]:
 def detect_format(checkpoint: Mapping[str, Any], family: str) -> str:
     """The format of a ``family`` checkpoint, from its keys; a ValueError says what else it
     looks like."""
-    from . import convert, retinanet_convert  # noqa: F401  (detection's families' marks)
+    from . import convert, fcos_convert, retinanet_convert  # noqa: F401  (families' marks)
 
     keys = list(state_dict_of(checkpoint))
-    fmt = _match(keys, family)
+    owner, owner_key = _owner(keys)
+    if owner and owner != family:
+        raise ValueError(f"this is a {_DESCRIPTIONS.get(owner, owner)} checkpoint (key "
+                         f"{owner_key!r}), not a {_DESCRIPTIONS.get(family, family)} one; use "
+                         f"a config of its family (MODEL.META_ARCHITECTURE: {owner})")
+    fmt = _match(keys, family) if owner == family or family not in FAMILY_MARKS else ""
     if fmt:
         return fmt
     for other in FORMAT_MARKS:
+        if other in FAMILY_MARKS and other != owner:
+            continue  # its shared names alone do not make a checkpoint its own
         other_fmt, key = _marked(keys, other)
         if other != family and other_fmt:
             what = _DESCRIPTIONS.get(other, other)

@@ -4,7 +4,9 @@ Our names: ``backbone.*`` (FPN: ``backbone.bottom_up.*``, ``backbone.lateral_con
 ``backbone.output_convs.{i}``), ``rpn.head.convs.{j}``, ``rpn.head.objectness``,
 ``rpn.head.deltas``, ``roi_heads.box_head.convs.{j}.conv/.norm``, ``roi_heads.box_head.fcs.{j}``
 (C4: ``roi_heads.box_head.res5.*``), ``roi_heads.box_predictor.cls_score`` (background last)
-and ``roi_heads.box_predictor.bbox_pred`` (4 deltas per foreground class).
+and ``roi_heads.box_predictor.bbox_pred`` (4 deltas per foreground class). Cascade R-CNN has
+one of each per stage: ``roi_heads.box_head.{k}.fcs.{j}``, ``roi_heads.box_predictor.{k}.*``
+(class-agnostic ``bbox_pred``), from detectron2's ``roi_heads.box_head.{k}.fc{j + 1}``.
 """
 
 import re
@@ -161,14 +163,16 @@ def detectron2_to_ours(checkpoint: Mapping[str, Any]) -> StateDict:
             name = "objectness" if m.group(1) == "objectness_logits" else "deltas"
             out[f"rpn.head.{name}.{m.group(2)}"] = value
             continue
-        m = re.match(r"roi_heads\.box_head\.(conv|fc)(\d+)\.(?:(norm)\.)?(.+)$", key)
-        if m:
-            kind, j, norm, rest = m.groups()
+        m = re.match(r"roi_heads\.box_head\.(?:(\d+)\.)?(conv|fc)(\d+)\.(?:(norm)\.)?(.+)$",
+                     key)
+        if m:  # Cascade R-CNN: box_head.{stage}.fc1
+            stage, kind, j, norm, rest = m.groups()
+            head = "roi_heads.box_head." + (f"{stage}." if stage else "")
             if kind == "fc":
-                out[f"roi_heads.box_head.fcs.{int(j) - 1}.{rest}"] = value
+                out[f"{head}fcs.{int(j) - 1}.{rest}"] = value
             else:
                 part = "norm" if norm else "conv"
-                out[f"roi_heads.box_head.convs.{int(j) - 1}.{part}.{rest}"] = value
+                out[f"{head}convs.{int(j) - 1}.{part}.{rest}"] = value
             continue
         if key.startswith("roi_heads.res5."):
             for k, v in detectron2_resnet_to_ours({key[len("roi_heads."):]: value}).items():

@@ -44,7 +44,8 @@ class Registry:
 
 # MODEL.RPN.HEAD_NAME: (cfg, in_channels, num_anchors) -> RPN head
 RPN_HEADS = Registry("MODEL.RPN.HEAD_NAME", "(cfg, in_channels, num_anchors)")
-# MODEL.ROI_HEADS.NAME: (cfg, shapes, in_features, res5) -> the RoI heads' box head
+# MODEL.ROI_HEADS.NAME: (cfg, shapes, in_features, res5) -> the RoI heads' box head, or
+# whole RoI heads (a StandardROIHeads, e.g. CascadeROIHeads)
 ROI_HEADS = Registry("MODEL.ROI_HEADS.NAME", "(cfg, shapes, in_features, res5)")
 # MODEL.ROI_BOX_HEAD.NAME: (cfg, in_channels) -> box head with ``out_dim``
 ROI_BOX_HEADS = Registry("MODEL.ROI_BOX_HEAD.NAME", "(cfg, in_channels)")

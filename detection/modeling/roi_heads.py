@@ -117,13 +117,13 @@ class Res5BoxHead(nn.Module):
 
 class FastRCNNPredictor(nn.Module):
     """``cls_score``: K + 1 logits, background last; ``bbox_pred``: 4 deltas per foreground
-    class, ``(R, K * 4)``."""
+    class, ``(R, K * 4)``, or with ``class_agnostic`` 4 for every class, ``(R, 4)``."""
 
-    def __init__(self, in_dim: int, num_classes: int) -> None:
+    def __init__(self, in_dim: int, num_classes: int, class_agnostic: bool = False) -> None:
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes, self.class_agnostic = num_classes, class_agnostic
         self.cls_score = nn.Linear(in_dim, num_classes + 1)
-        self.bbox_pred = nn.Linear(in_dim, num_classes * 4)
+        self.bbox_pred = nn.Linear(in_dim, 4 if class_agnostic else num_classes * 4)
         nn.init.normal_(self.cls_score.weight, std=0.01)
         nn.init.normal_(self.bbox_pred.weight, std=0.001)
         nn.init.zeros_(self.cls_score.bias)
@@ -238,14 +238,24 @@ class StandardROIHeads(nn.Module):
     def inference(self, logits: Tensor, deltas: Tensor, proposals: List[Tensor],
                   image_sizes: List[Tuple[int, int]]) -> List[Detections]:
         """logits ``(R, K + 1)``, deltas ``(R, K * 4)`` for the concatenated proposals."""
+        k = self.num_classes
+        props = torch.cat(proposals)
+        boxes = self.box_coder.decode(deltas.view(-1, k, 4), props[:, None, :])  # [R, K, 4]
+        scores = F.softmax(logits, dim=-1)[:, :k]  # [R, K]
+        return self.select_detections(boxes, scores, proposals, image_sizes)
+
+    @torch.no_grad()
+    def select_detections(self, boxes: Tensor, scores: Tensor, proposals: List[Tensor],
+                          image_sizes: List[Tuple[int, int]]) -> List[Detections]:
+        """Boxes ``(R, K, 4)`` (or ``(R, 1, 4)``, one box for every class) and foreground
+        scores ``(R, K)`` of the concatenated ``proposals`` -> detections per image: boxes
+        clipped, score threshold, minimum size, per-class NMS, top-k per image."""
         n, k = len(proposals), self.num_classes
         image_idx = torch.cat([torch.full_like(p[:, 0], i, dtype=torch.int64)
                                for i, p in enumerate(proposals)])  # [R]
-        props = torch.cat(proposals)
-        boxes = self.box_coder.decode(deltas.view(-1, k, 4), props[:, None, :])  # [R, K, 4]
         boxes = clip_boxes(boxes, size_limits(image_sizes, boxes)[image_idx][:, None, :])
-        scores = F.softmax(logits, dim=-1)[:, :k]  # [R, K]
-        labels = torch.arange(k, device=logits.device)[None].expand_as(scores).reshape(-1)
+        boxes = boxes.expand(-1, k, 4)  # [R, K, 4]
+        labels = torch.arange(k, device=scores.device)[None].expand_as(scores).reshape(-1)
         image_idx = image_idx[:, None].expand_as(scores).reshape(-1)
         boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
         keep = scores > self.score_thresh

@@ -66,6 +66,13 @@ _register(DetectorWeights(
     "https://dl.fbaipublicfiles.com/detectron2/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x/"
     "137849600/model_final_f10217.pkl", "detectron2", "detectron2/mask_rcnn_R_50_FPN_3x.yaml",
     41.0, mask_ap=37.2))
+for _name, _path, _ap, _mask_ap in (
+    ("cascade_mask_rcnn_R_50_FPN_1x", "138602847/model_final_e9d89b.pkl", 42.1, 36.4),
+    ("cascade_mask_rcnn_R_50_FPN_3x", "144998488/model_final_480dd8.pkl", 44.3, 38.5),
+):
+    _register(DetectorWeights(
+        f"detectron2/{_name}", f"https://dl.fbaipublicfiles.com/detectron2/Misc/{_name}/{_path}",
+        "detectron2", f"detectron2/{_name}.yaml", _ap, mask_ap=_mask_ap))
 
 _register(DetectorWeights(
     "torchvision/retinanet_resnet50_fpn.coco_v1",
@@ -75,6 +82,10 @@ _register(DetectorWeights(
     "torchvision/retinanet_resnet50_fpn_v2.coco_v1",
     "https://download.pytorch.org/models/retinanet_resnet50_fpn_v2_coco-5905b1c5.pth",
     "torchvision", "torchvision/retinanet_resnet50_fpn_v2.yaml", 41.5, "5905b1c5"))
+_register(DetectorWeights(
+    "torchvision/fcos_resnet50_fpn.coco_v1",
+    "https://download.pytorch.org/models/fcos_resnet50_fpn_coco-99b0c9b7.pth",
+    "torchvision", "torchvision/fcos_resnet50_fpn.yaml", 39.2, "99b0c9b7"))
 for _name, _path, _ap in (
     ("retinanet_R_50_FPN_1x", "190397773/model_final_bfca0b.pkl", 37.4),
     ("retinanet_R_50_FPN_3x", "190397829/model_final_5bd44e.pkl", 38.7),

@@ -40,14 +40,16 @@ def build_mask_head(cfg: CfgNode, shapes: dict) -> MaskRCNNHead:
 
 
 def build_mask_rcnn(cfg: CfgNode) -> MaskRCNN:
-    """Mask R-CNN: detection's ``build_model`` (backbone, RPN, box head) with a mask head."""
+    """Mask R-CNN: detection's ``build_model`` (backbone, RPN, box head) with a mask head;
+    with ``MODEL.ROI_HEADS.NAME: CascadeROIHeads``, Cascade Mask R-CNN."""
     h = cfg.MODEL.ROI_MASK_HEAD
     if h.PASTE_MODE not in PASTE_MODES:
         raise ValueError(f"MODEL.ROI_MASK_HEAD.PASTE_MODE must be one of {PASTE_MODES}, got "
                          f"{h.PASTE_MODE!r}")
-    if cfg.MODEL.ROI_HEADS.NAME != "StandardROIHeads":
+    if cfg.MODEL.ROI_HEADS.NAME not in ("StandardROIHeads", "CascadeROIHeads"):
         raise ValueError("Mask R-CNN is built on FPN: MODEL.ROI_HEADS.NAME must be "
-                         f"'StandardROIHeads', got {cfg.MODEL.ROI_HEADS.NAME!r}")
+                         "'StandardROIHeads' or 'CascadeROIHeads' (Cascade Mask R-CNN), got "
+                         f"{cfg.MODEL.ROI_HEADS.NAME!r}")
     det = build_model(cfg)
     det.roi_heads.mask_head = build_mask_head(cfg, det.backbone.output_shape())
     model = MaskRCNN(

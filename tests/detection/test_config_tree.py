@@ -15,7 +15,7 @@ from detection.defaults import KEYS_DECLARED_ABOVE, RENAMED_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
-DETECTION_NAMES = ("faster_rcnn", "fasterrcnn", "Base-RCNN", "retinanet", "RetinaNet")
+DETECTION_NAMES = ("faster_rcnn", "fasterrcnn", "Base-RCNN", "retinanet", "RetinaNet", "fcos")
 SEGMENTATION_NAMES = ("mask_rcnn", "maskrcnn", "semantic", "deeplab", "fcn", "panoptic")
 
 # Runs in a fresh interpreter, so that nothing has imported segmentation.
@@ -85,7 +85,9 @@ def test_detection_alone_builds_every_detection_config_and_refuses_segmentation_
     for name in detection:
         r = report[name]
         assert "error" not in r, (name, r)
-        assert r["model"] == ("RetinaNet" if "etina" in name else "GeneralizedRCNN"), name
+        family = "RetinaNet" if "etina" in name else "FCOS" if "fcos" in name else \
+            "GeneralizedRCNN"
+        assert r["model"] == family, name
         assert r["outputs"] == ["boxes", "labels", "scores"] and r["boxes"][1] == 4, (name, r)
         assert r["labels_ok"], name
     assert len(segmentation) >= 5

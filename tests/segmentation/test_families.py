@@ -25,7 +25,7 @@ def test_each_family_is_declared_once_by_its_package():
     assert FAMILIES["PanopticFPN"] is segmentation.panoptic.PANOPTIC_FPN
     assert FAMILIES["RetinaNet"].declared_by == "detection"
     assert {f.declared_by for f in FAMILIES.values()
-            if f.name not in ("GeneralizedRCNN", "RetinaNet")} == {"segmentation"}
+            if f.name not in ("GeneralizedRCNN", "RetinaNet", "FCOS")} == {"segmentation"}
     cfg = load_config("mask_rcnn_r18_fpn_shapes.yaml")
     assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" and cfg.MODEL.MASK_ON
     assert family_name(cfg) == "MaskRCNN"  # detectron2's spelling of Mask R-CNN
@@ -93,7 +93,7 @@ def test_analyze_model_counts_every_family(config, head, capsys):
 
 @pytest.mark.parametrize("config", [
     "faster_rcnn_r18_fpn_shapes.yaml", "faster_rcnn_r50_c4.yaml", "retinanet_r18_fpn_shapes.yaml",
-    "mask_rcnn_r18_fpn_shapes.yaml", "panoptic_fpn_r18_shapes.yaml",
+    "fcos_r18_fpn_shapes.yaml", "mask_rcnn_r18_fpn_shapes.yaml", "panoptic_fpn_r18_shapes.yaml",
     "semantic_fpn_r18_shapes.yaml"])
 def test_every_family_keeps_the_contract(config, tmp_path):
     """Each family's model provides what ``FamilyModel`` declares, with consistent values,
@@ -108,7 +108,7 @@ def test_every_family_keeps_the_contract(config, tmp_path):
     assert isinstance(model, FamilyModel), type(model).__name__
     assert model.num_classes == len(model.metadata.class_names) > 0
     assert isinstance(model.training_states(), dict)
-    assert cfg.MODEL.META_ARCHITECTURE in ("GeneralizedRCNN", "RetinaNet", "PanopticFPN",
+    assert cfg.MODEL.META_ARCHITECTURE in ("GeneralizedRCNN", "RetinaNet", "FCOS", "PanopticFPN",
                                            "SemanticSegmentor")  # not rewritten by a builder
     path = tmp_path / "w.pth"
     torch.save({"model": model.state_dict()}, path)
