@@ -131,6 +131,14 @@ def detection_defaults() -> CfgNode:
     # freed memory for reuse (backbones.cpu_memory): large feature maps are not page-faulted
     # in again on every call. The process keeps its peak memory until it exits.
     _C.TEST.RETAIN_FREED_MEMORY = True
+    # Test-time augmentation of the detectors (detection/modeling/tta.py), for --eval-only and
+    # load_model: the model runs at each shortest edge of MIN_SIZES (longest edge capped at
+    # MAX_SIZE), and on the horizontally flipped image too with FLIP; the detections are merged.
+    _C.TEST.AUG = CfgNode()
+    _C.TEST.AUG.ENABLED = False
+    _C.TEST.AUG.MIN_SIZES = (400, 500, 600, 700, 800, 900, 1000, 1100, 1200)
+    _C.TEST.AUG.MAX_SIZE = 4000
+    _C.TEST.AUG.FLIP = True
 
     # Modules imported after the config is read (names or .py paths), so that YAML can name the
     # backbones, families and datasets they register (detection/custom_imports.py)

@@ -70,9 +70,11 @@ def load_for_inference(config: Optional[str], weights: str, *, runtime: Optional
 def load_for_evaluation(cfg: Any) -> Any:
     """The model ``--eval-only`` evaluates: ``MODEL.WEIGHTS`` in ``TEST.RUNTIME`` at
     ``TEST.PRECISION``. For torch and fp32 that is the plain eager model, the one training
-    evaluates."""
+    evaluates; with ``TEST.AUG.ENABLED`` it is wrapped for test-time augmentation
+    (``detection.modeling.tta``)."""
     from detection.engine.loading import build_model_from_cfg, load_weights
     from detection.modeling.predictor import load_model
+    from detection.modeling.tta import build_tta_model
 
     runtime, precision = cfg.TEST.RUNTIME, cfg.TEST.PRECISION
     retain_memory_for_inference(cfg)
@@ -80,5 +82,5 @@ def load_for_evaluation(cfg: Any) -> Any:
         model = build_model_from_cfg(cfg)
         load_weights(model, cfg.MODEL.WEIGHTS, cfg)
         logger.info("Evaluating the eager model in fp32 (TEST.PRECISION)")
-        return model
+        return build_tta_model(cfg, model)
     return load_model(cfg, cfg.MODEL.WEIGHTS, runtime=runtime, precision=precision)

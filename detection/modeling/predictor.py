@@ -58,7 +58,7 @@ def read_weights(weights: str) -> Mapping[str, Any]:
 
 def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] = None, *,
                device: str = "cpu", optimize: bool = True, runtime: str = "torch",
-               precision: str = "auto") -> Any:
+               precision: str = "auto", tta: Optional[bool] = None) -> Any:
     """Build the detector of ``config`` (a YAML path, a CfgNode or a zoo name) and load
     ``weights`` (zoo name, URL or path; default ``MODEL.WEIGHTS``), in torchvision's,
     detectron2's or our format. Returns it in eval mode, optimized for inference
@@ -71,7 +71,11 @@ def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] 
     openvino runtimes) and keeps boxes, scores and NMS in float32; it needs native bf16
     (``backbones.machine``). "auto" (the default) is bf16 where the device has it natively
     and float32 elsewhere, and always float32 with ``optimize=False`` or onnxruntime; the
-    log says which runs. Evaluation and submission ask for "fp32" unless told otherwise."""
+    log says which runs. Evaluation and submission ask for "fp32" unless told otherwise.
+
+    ``tta`` True (default: the config's ``TEST.AUG.ENABLED``) returns the model wrapped in
+    ``detection.modeling.tta.DetectorWithTTA`` (``TEST.AUG`` sizes and flip; torch runtime
+    only), which ``predict`` takes as it takes the model."""
     from backbones.machine import require_precision
     from detection.deploy import RUNTIMES, load_exported, require
     from detection.optimize import optimize_for_inference, supports_bf16
@@ -81,6 +85,9 @@ def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] 
     if runtime != "torch":
         require(runtime)
     if isinstance(config, (str, os.PathLike)) and Path(config, "export.json").is_file():
+        if tta:
+            raise ValueError("test-time augmentation needs the eager model (a config and "
+                             "weights), not an exported one")
         return load_exported(Path(config), None if runtime == "torch" else runtime,
                              precision=precision)
     if isinstance(config, str) and config in list_detector_weights():
@@ -102,6 +109,11 @@ def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] 
     model.eval()
     if runtime != "torch":
         from detection.deploy import export_cached
+        from detection.modeling.tta import tta_settings
+
+        if tta or (tta is None and tta_settings(cfg)[0]):
+            raise ValueError(f"test-time augmentation (TEST.AUG.ENABLED) runs in the torch "
+                             f"runtime only, not {runtime!r}")
 
         return export_cached(model, cfg, weights, runtime=runtime, precision=precision)
     asked = precision
@@ -114,7 +126,9 @@ def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] 
         raise ValueError(f"precision {precision!r} needs optimize=True")
     logger.info("Inference in %s%s on %s", getattr(model, "precision", "fp32"),
                 f" (asked: {asked})" if asked != precision else "", device)
-    return model
+    from detection.modeling.tta import build_tta_model
+
+    return build_tta_model(cfg, model, enabled=tta)
 
 
 def to_image_tensor(image: ImageLike) -> Tensor:

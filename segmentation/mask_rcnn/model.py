@@ -71,8 +71,14 @@ class MaskRCNN(GeneralizedRCNN):
         if self.training:
             return out
         for res, img in zip(out, images):
-            size = tuple(img.shape[-2:])
-            probs = paste_masks(res["masks"], res["boxes"], size, mode=self.paste_mode)
-            res["masks"] = probs[:, None]
-            res["binary_masks"] = probs >= self.mask_threshold
+            res.update(self.paste(res["masks"], res["boxes"], tuple(img.shape[-2:])))
         return out
+
+    def paste(self, masks: Tensor, boxes: Tensor,
+              image_size: Tuple[int, int]) -> Dict[str, Tensor]:
+        """``masks`` ``(N, 1, M, M)`` probabilities of ``boxes`` ``(N, 4)`` (input pixels)
+        -> ``masks`` ``(N, 1, H, W)`` pasted into an image of ``image_size`` and
+        ``binary_masks`` ``(N, H, W)``: the model's output convention (also used by
+        ``detection.modeling.tta`` for the masks it averages)."""
+        probs = paste_masks(masks, boxes, image_size, mode=self.paste_mode)
+        return {"masks": probs[:, None], "binary_masks": probs >= self.mask_threshold}
