@@ -296,6 +296,21 @@ def _model() -> CfgNode:
     _M.ROI_BOX_CASCADE_HEAD.IOUS = (0.5, 0.6, 0.7)
     _M.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS = (
         (10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
+
+    # Keypoint R-CNN: GeneralizedRCNN with KEYPOINT_ON (detectron2's names)
+    _M.KEYPOINT_ON = False
+    _M.ROI_KEYPOINT_HEAD = CfgNode()
+    _M.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS = 17
+    _M.ROI_KEYPOINT_HEAD.CONV_DIMS = (512,) * 8
+    _M.ROI_KEYPOINT_HEAD.POOLER_RESOLUTION = 14
+    _M.ROI_KEYPOINT_HEAD.POOLER_SAMPLING_RATIO = 0
+    _M.ROI_KEYPOINT_HEAD.POOLER_TYPE = "ROIAlignV2"  # "ROIAlign": torchvision's
+    _M.ROI_KEYPOINT_HEAD.LOSS_WEIGHT = 1.0
+    # True: the summed loss over the number of visible keypoints (torchvision's too); False:
+    # over ROI_HEADS.BATCH_SIZE_PER_IMAGE * POSITIVE_FRACTION * NUM_KEYPOINTS per image
+    _M.ROI_KEYPOINT_HEAD.NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS = True
+    # training images (of DATASETS.TRAIN) with fewer visible keypoints are skipped
+    _M.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE = 1
     return _M
 
 

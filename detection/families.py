@@ -9,7 +9,9 @@ disagree about which model a config means.
 Each family is declared by the package that owns it, in one visible place:
 
 - ``GeneralizedRCNN`` (alias ``FasterRCNN``): Faster R-CNN, FPN and C4, declared here
-  (:data:`FASTER_RCNN`).
+  (:data:`FASTER_RCNN`); with detectron2's ``MODEL.KEYPOINT_ON: True``, Keypoint R-CNN (the
+  same family: its builder adds the keypoint head, its loader maps the head's names, its
+  mapper makes keypoint targets and its evaluator adds keypoint AP).
 - ``RetinaNet``: RetinaNet (one stage, focal loss on P3-P7), declared here
   (:data:`RETINANET`).
 - ``FCOS``: FCOS (one stage, anchor-free, points with centerness on P3-P7), declared here
@@ -226,13 +228,19 @@ def attach_instance_metadata(cfg: Any,
         cfg.freeze()
 
 
+def _rcnn_evaluator(cfg: Any, dataset_name: str, output_dir: Optional[Path] = None) -> Any:
+    """COCO box AP; with ``MODEL.KEYPOINT_ON``, keypoint (OKS) AP too."""
+    tasks = ("bbox", "keypoints") if cfg.MODEL.get("KEYPOINT_ON", False) else ("bbox",)
+    return coco_evaluator(*tasks)(cfg, dataset_name, output_dir)
+
+
 FASTER_RCNN = register_family(
     ModelFamily(
         name="GeneralizedRCNN",
         build=_build_faster_rcnn,
         load_weights=strict_weight_loader(_convert_detector),
         build_mapper=_detection_mapper,
-        build_evaluator=coco_evaluator("bbox"),
+        build_evaluator=_rcnn_evaluator,
         attach_metadata=attach_instance_metadata,
     ),
     "FasterRCNN",

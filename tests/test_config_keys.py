@@ -15,6 +15,8 @@ import torch
 from fvcore.common.config import CfgNode as _FvCfgNode
 
 from detection.config import CfgNode
+from detection.data.catalog import register_coco_instances
+from detection.data.keypoints import COCO_PERSON_KEYPOINT_NAMES
 from detection.data.shapes import ensure_shapes_dataset
 from detection.defaults import KEYS_DECLARED_ABOVE, KEYS_KEPT_FOR_COMPATIBILITY
 from detection.deploy.loading import load_for_evaluation
@@ -67,7 +69,28 @@ def shapes(tmp_path_factory):
     for split in ("train", "val"):
         register_coco_panoptic(f"keys_panoptic_{split}", getattr(pan, f"{split}_json"),
                                getattr(pan, f"{split}_images"), getattr(pan, f"{split}_panoptic"))
+        register_coco_instances(f"keys_keypoint_{split}",
+                                _with_keypoints(getattr(p, f"{split}_json"), tmp_path_factory),
+                                getattr(p, f"{split}_images"))
     return f"{p.train_json}:{p.train_images}", f"{p.val_json}:{p.val_images}"
+
+
+def _with_keypoints(json_file, tmp_path_factory):
+    """The shapes json with COCO's 17 person keypoints on a line across each box (for the
+    Keypoint R-CNN run)."""
+    import json
+
+    data = json.loads(open(json_file).read())
+    for c in data["categories"]:
+        c["keypoints"], c["skeleton"] = list(COCO_PERSON_KEYPOINT_NAMES), [[1, 2]]
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        a["keypoints"] = [v for i in range(17)
+                          for v in (x + w * (i + 0.5) / 17, y + h / 2, 2)]
+        a["num_keypoints"] = 17
+    out = tmp_path_factory.mktemp("keypoints") / "instances.json"
+    out.write_text(json.dumps(data))
+    return str(out)
 
 
 def _opts(shapes, out, **extra) -> list[str]:
@@ -116,6 +139,10 @@ RUNS = {
     "cascade_mask_rcnn": ("mask_rcnn_r18_fpn_shapes.yaml", {
         "MODEL.ROI_HEADS.NAME": "CascadeROIHeads", "MODEL.ROI_BOX_HEAD.FC_DIM": 32,
         "MODEL.ROI_MASK_HEAD.CONV_DIM": 8, "MODEL.ROI_MASK_HEAD.NUM_CONV": 1}),
+    "keypoint_rcnn": ("faster_rcnn_r18_fpn_shapes.yaml", {
+        "DATASETS.TRAIN": "('keys_keypoint_train',)", "DATASETS.TEST": "('keys_keypoint_val',)",
+        "MODEL.KEYPOINT_ON": True, "MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS": "(8,)",
+        "MODEL.ROI_BOX_HEAD.FC_DIM": 32}),
     "semantic_fpn": ("semantic_fpn_r18_shapes.yaml", {
         "MODEL.SEM_SEG_HEAD.CONVS_DIM": 32, "INPUT.CROP.ENABLED": True,
         "INPUT.CROP.SIZE": "[48, 48]"}),

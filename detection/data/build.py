@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from detection.data.catalog import DatasetCatalog, get_metadata, set_datasets_root
 from detection.data.check import MODES, DataCheckError, apply_report, cached_check, check_records
 from detection.data.coco import filter_images_without_annotations
+from detection.data.keypoints import filter_images_with_few_keypoints
 from detection.data.mapper import DatasetMapper, MapDataset, UnreadableImage
 from detection.data.report import DataReport
 from detection.data.samplers import (
@@ -233,6 +234,13 @@ def build_train_loader(
             records = filter_images_without_annotations(records)
             if not records:
                 raise ValueError(f"No images with annotations in {names}")
+        min_keypoints = (cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+                         if cfg.MODEL.get("KEYPOINT_ON", False) else 0)
+        if min_keypoints > 0:
+            records = filter_images_with_few_keypoints(records, min_keypoints)
+            if not records:
+                raise ValueError(f"No images with {min_keypoints} or more visible keypoints "
+                                 f"in {names} (MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE)")
     else:
         records = checked_records(cfg, records)
     mapper = mapper or DatasetMapper.from_config(cfg, is_train=True)

@@ -4,12 +4,15 @@ A record is a plain dict: ``file_name`` (absolute path), ``height``, ``width``, 
 (the json's) and ``annotations`` (may be empty), each with ``bbox`` ``[x0, y0, x1, y1]`` float
 xyxy in image pixels (from COCO's xywh), ``category_id`` contiguous 0..K-1 (categories ordered
 by dataset id: ids 3, 7, 42 become 0, 1, 2), ``iscrowd``, ``segmentation`` as in the json
-(polygons or RLE), and ``area`` and ``id`` when the json has them.
+(polygons or RLE), ``area`` and ``id`` when the json has them, and ``keypoints`` (COCO's
+flat ``[x, y, v] * K``, as floats in the json's pixel coordinates) when it has them.
 
 Metadata is a dict: ``thing_classes``, ``thing_dataset_id_to_contiguous_id``,
 ``contiguous_id_to_dataset_id``, ``json_file``, ``image_root``, ``evaluator_type``,
 ``load_stats`` (counts of what was skipped or clipped) and ``load_problem_ids`` (their ids, for
-the data check's report). An annotation with an unknown category is skipped (or an error with
+the data check's report); with a category that names keypoints, also ``keypoint_names``,
+``keypoint_flip_map`` (its left_/right_ pairs) and ``keypoint_skeleton`` (1-based pairs, as the
+json's ``skeleton``). An annotation with an unknown category is skipped (or an error with
 ``unknown_category="error"``); a box that is degenerate (under 0.01 px), not finite, missing or
 entirely outside the image is skipped; one partly outside is clipped. A field of the wrong type
 is refused with :class:`CocoFormatError` naming the json, the entry (``annotations[12] (id
@@ -27,6 +30,7 @@ from collections import Counter
 from typing import Any
 
 from detection.data.errors import DatasetError
+from detection.data.keypoints import check_keypoints, flip_map_from_names
 
 __all__ = [
     "MIN_BOX_SIZE",
@@ -132,11 +136,21 @@ def metadata_from_categories(categories: list[dict]) -> dict[str, Any]:
     if len(set(ids)) != len(ids):
         dup = [i for i, n in Counter(ids).items() if n > 1]
         raise CocoFormatError(f"Duplicate category ids {dup}")
-    return {
+    meta: dict[str, Any] = {
         "thing_classes": [str(c.get("name", c["id"])) for c in cats],
         "thing_dataset_id_to_contiguous_id": {d: i for i, d in enumerate(ids)},
         "contiguous_id_to_dataset_id": ids,
     }
+    with_names = [c for c in cats if c.get("keypoints")]
+    if with_names:
+        names = with_names[0]["keypoints"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CocoFormatError(f"category {with_names[0]['id']}: field 'keypoints' is not "
+                                  "a list of names")
+        meta["keypoint_names"] = list(names)
+        meta["keypoint_flip_map"] = flip_map_from_names(names)
+        meta["keypoint_skeleton"] = [list(p) for p in with_names[0].get("skeleton", [])]
+    return meta
 
 
 def _convert_box(bbox: Any, width: int, height: int) -> tuple[list[float] | None, str | None]:
@@ -179,6 +193,8 @@ def load_coco_json(
     except CocoFormatError as e:
         raise CocoFormatError(f"{json_file}: {e}") from e
     id_map = meta["thing_dataset_id_to_contiguous_id"]
+    num_keypoints = {_as_int(c["id"]): len(c["keypoints"]) for c in data.get("categories", [])
+                     if isinstance(c.get("keypoints"), list) and c["keypoints"]}
 
     records: dict[int, dict] = {}
     for k, img in enumerate(data["images"]):
@@ -249,6 +265,11 @@ def load_coco_json(
             if isinstance(area, bool) or not isinstance(area, (int, float)):
                 raise CocoFormatError(f"{where}: field 'area' is {area!r:.40}, not a number")
             out["area"] = float(area)
+        if "keypoints" in ann:
+            try:
+                out["keypoints"] = check_keypoints(ann["keypoints"], num_keypoints.get(cat), where)
+            except ValueError as e:
+                raise CocoFormatError(str(e)) from e
         if ann_id is not None:
             out["id"] = ann_id
         rec["annotations"].append(out)

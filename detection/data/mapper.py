@@ -12,6 +12,8 @@ Output of :class:`DatasetMapper` (a plain dict)::
         "boxes":  float32 Tensor[N, 4], xyxy in the pixels of "image"
         "labels": int64 Tensor[N], contiguous class ids
         "masks":  uint8 Tensor[N, H, W] (only with mask_on)
+        "keypoints": float32 Tensor[N, K, 3] (x, y, v) in the pixels of "image" (only with
+                  keypoint_on); a flip also exchanges the left/right keypoints
 
 Crowd annotations are dropped in training. Randomness comes only from the ``rng`` argument (a
 ``np.random.Generator``), so the caller controls reproducibility: :class:`MapDataset` derives
@@ -36,6 +38,12 @@ from detection.data.annotations import (
 from detection.data.coco import MIN_BOX_SIZE
 from detection.data.errors import ImageSizeError, InvalidAnnotationError
 from detection.data.image_io import ImageReadError, read_image
+from detection.data.keypoints import (
+    COCO_PERSON_KEYPOINT_NAMES,
+    check_keypoints,
+    flip_indices,
+    flip_map_from_names,
+)
 
 __all__ = [
     "DatasetMapper",
@@ -89,6 +97,8 @@ class DatasetMapper:
         mask_on: bool = False,
         skip_missing_images: bool = False,
         resize: bool = True,
+        keypoint_on: bool = False,
+        keypoint_flip_indices: Sequence[int] | None = None,
     ) -> None:
         if min_size_sampling not in ("choice", "range"):
             raise ValueError(f"min_size_sampling must be 'choice' or 'range': {min_size_sampling}")
@@ -105,6 +115,11 @@ class DatasetMapper:
         self.mask_on = mask_on
         self.skip_missing_images = skip_missing_images
         self.resize = resize
+        self.keypoint_on = keypoint_on
+        # index i takes keypoint flip[i] when the image is flipped (COCO persons' by default)
+        self.keypoint_flip_indices = list(keypoint_flip_indices) if keypoint_flip_indices \
+            is not None else flip_indices(COCO_PERSON_KEYPOINT_NAMES,
+                                          flip_map_from_names(COCO_PERSON_KEYPOINT_NAMES))
         # file name -> why it cannot be used; each image is counted (and warned about) once
         self.unreadable: dict[str, str] = {}
         self.num_skipped_instances = 0  # with mask_on: degenerate polygons (warned, not trained)
@@ -150,6 +165,7 @@ class DatasetMapper:
             skip_missing_images=cfg.DATALOADER.SKIP_MISSING_IMAGES,
             # when the model resizes training images itself, the loader must not
             resize=not cfg.INPUT.get("RESIZE_IN_MODEL_TRAIN", False),
+            keypoint_on=bool(model.get("KEYPOINT_ON", False)) if model is not None else False,
         )
 
     def _transforms(self, h: int, w: int, rng: np.random.Generator) -> A.Compose:
@@ -251,7 +267,8 @@ class DatasetMapper:
         }
         if self.mask_on and keep:
             kwargs["masks"] = [masks[i] for i in keep]
-        res = self._transforms(h, w, rng)(**kwargs)
+        compose = self._transforms(h, w, rng)
+        res = compose(**kwargs)
 
         img = res["image"]
         nh, nw = img.shape[:2]
@@ -269,8 +286,34 @@ class DatasetMapper:
             else:
                 masks = np.zeros((0, nh, nw), np.uint8)
             instances["masks"] = torch.from_numpy(masks)
+        if self.keypoint_on:
+            flipped = any(isinstance(t, A.HorizontalFlip) for t in compose.transforms)
+            kps = self._keypoints([anns[i] for i in keep], where)[idx]  # [N, K, 3]
+            kps[..., 0] *= nw / w
+            kps[..., 1] *= nh / h
+            if flipped:
+                kps[..., 0] = nw - kps[..., 0]
+                kps = kps[:, self.keypoint_flip_indices]
+            instances["keypoints"] = torch.from_numpy(np.ascontiguousarray(kps))
         out["image"] = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
         out["instances"] = instances
+        return out
+
+
+    def _keypoints(self, anns: list[dict], where: str) -> np.ndarray:
+        """``(N, K, 3)`` float32 of the annotations' ``keypoints`` (all invisible where one
+        has none); InvalidAnnotationError naming the annotation for a malformed array."""
+        k = len(self.keypoint_flip_indices)
+        out = np.zeros((len(anns), k, 3), np.float32)
+        for j, a in enumerate(anns):
+            if "keypoints" not in a:
+                continue
+            try:
+                out[j] = np.asarray(check_keypoints(
+                    a["keypoints"], k, f"{where}: annotation {a.get('id')}"), np.float32
+                ).reshape(k, 3)
+            except ValueError as e:
+                raise InvalidAnnotationError(str(e)) from e
         return out
 
 

@@ -59,6 +59,8 @@ STAT_NAMES = (
     "ARm",
     "ARl",
 )
+# The 10 numbers of COCOeval.stats for keypoints (OKS), in order.
+KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -73,13 +75,15 @@ def detections_to_coco_results(
     contiguous_id_to_dataset_id: Sequence[int],
     *,
     with_masks: bool = True,
+    with_keypoints: bool = True,
 ) -> list[dict[str, Any]]:
     """One image's model output -> COCO results entries.
 
     ``output``: ``boxes`` (N, 4) xyxy in input-image pixels, ``scores`` (N,), ``labels`` (N,)
     contiguous, and optionally ``masks`` (N, H, W) bool/uint8, or float probabilities
     (thresholded at 0.5), or (N, 1, H, W). Entries carry the dataset's category ids, xywh
-    boxes and (with masks) RLE ``segmentation`` with str counts.
+    boxes, (with masks) RLE ``segmentation`` with str counts and (with ``keypoints`` (N, K, 3)
+    in the output) COCO's flat ``keypoints`` ``[x, y, v] * K``.
     """
     boxes = _numpy(output["boxes"]).astype(np.float64).reshape(-1, 4)
     scores = _numpy(output["scores"]).astype(np.float64).reshape(-1)
@@ -103,6 +107,9 @@ def detections_to_coco_results(
         rles = mask_util.encode(masks) if masks.shape[2] else []
         for r in rles:
             r["counts"] = r["counts"].decode("ascii")
+    keypoints = None
+    if with_keypoints and output.get("keypoints") is not None:
+        keypoints = _numpy(output["keypoints"]).astype(np.float64).reshape(len(boxes), -1)
     xywh = boxes.copy()
     xywh[:, 2:] -= xywh[:, :2]
     results = []
@@ -115,13 +122,16 @@ def detections_to_coco_results(
         }
         if rles is not None:
             entry["segmentation"] = rles[i]
+        if keypoints is not None:
+            entry["keypoints"] = [round(float(v), 3) for v in keypoints[i]]
         results.append(entry)
     return results
 
 
-def coco_stats_to_metrics(stats: Iterable[float]) -> dict[str, float]:
+def coco_stats_to_metrics(stats: Iterable[float],
+                          names: Sequence[str] = STAT_NAMES) -> dict[str, float]:
     """COCOeval.stats (0-1, -1 for undefined) -> {name: percentage or NaN}."""
-    return {n: (float(s) * 100.0 if s >= 0 else math.nan) for n, s in zip(STAT_NAMES, stats)}
+    return {n: (float(s) * 100.0 if s >= 0 else math.nan) for n, s in zip(names, stats)}
 
 
 def format_per_category_table(per_category: dict[str, float], columns: int = 3) -> str:
@@ -203,10 +213,15 @@ class COCOEvaluator:
         output_dir: str | os.PathLike | None = None,
         distributed: bool = True,
         engine: str = "auto",
+        kpt_oks_sigmas: Sequence[float] | None = None,
     ) -> None:
         for t in tasks:
-            if t not in ("bbox", "segm"):
-                raise ValueError(f"Unsupported task {t!r}; use 'bbox' and/or 'segm'")
+            if t not in ("bbox", "segm", "keypoints"):
+                raise ValueError(f"Unsupported task {t!r}; use 'bbox', 'segm' and/or "
+                                 "'keypoints'")
+        # per-keypoint OKS sigmas; None: pycocotools' default, COCO's 17 person keypoints
+        self.kpt_oks_sigmas = None if kpt_oks_sigmas is None else np.asarray(kpt_oks_sigmas,
+                                                                             np.float64)
         if isinstance(dataset, str):
             from detection.data.catalog import get_metadata
 
@@ -268,7 +283,8 @@ class COCOEvaluator:
                 {
                     "image_id": int(inp["image_id"]),
                     "results": detections_to_coco_results(
-                        inp["image_id"], out, ids, with_masks="segm" in self.tasks
+                        inp["image_id"], out, ids, with_masks="segm" in self.tasks,
+                        with_keypoints="keypoints" in self.tasks,
                     ),
                 }
             )
@@ -328,15 +344,19 @@ class COCOEvaluator:
         # results as they were for the next task, without copying boxes and masks
         if task == "segm":  # without "bbox", else loadRes takes them as box results
             task_results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+        elif task == "keypoints":  # the box stays: its area ranks unmatched detections
+            task_results = [dict(r) for r in results if "keypoints" in r]
         else:
             task_results = [dict(r) for r in results]
         gt, evaluator_cls = self.coco_gt, COCOeval
-        if self.engine == "faster_coco_eval":
+        if self.engine == "faster_coco_eval" and task != "keypoints":  # OKS: pycocotools
             gt, evaluator_cls = self._faster_gt(), _faster_cocoeval()
         with contextlib.redirect_stdout(io.StringIO()):
             dt = gt.loadRes(task_results) if task_results else _empty_results_coco(gt)
         ev = evaluator_cls(gt, dt, iouType=task)
         ev.params.imgIds = img_ids
+        if task == "keypoints" and self.kpt_oks_sigmas is not None:
+            ev.params.kpt_oks_sigmas = self.kpt_oks_sigmas
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             ev.evaluate()
@@ -344,7 +364,8 @@ class COCOEvaluator:
             ev.summarize()
         logger.info("COCO %s evaluation:\n%s", task, buf.getvalue())
         self.coco_eval[task] = ev
-        metrics = coco_stats_to_metrics(ev.stats)
+        metrics = coco_stats_to_metrics(
+            ev.stats, KEYPOINT_STAT_NAMES if task == "keypoints" else STAT_NAMES)
 
         # precision: (T iou thresholds, R recall points, K categories, A areas, M maxDets)
         precision = ev.eval["precision"]

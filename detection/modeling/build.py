@@ -16,6 +16,7 @@ from .cascade import CascadeROIHeads
 from .faster_rcnn import GeneralizedRCNN
 from .fcos import BOX_LOSSES as FCOS_BOX_LOSSES
 from .fcos import FCOS, FCOSHead
+from .keypoint_head import KeypointRCNNHead
 from .matcher import ATSSMatcher, Matcher
 from .metadata import Metadata
 from .poolers import ROIPooler
@@ -300,11 +301,40 @@ def build_preprocessor(cfg: CfgNode, size_divisibility: int) -> Preprocessor:
     )
 
 
+def build_keypoint_head(cfg: CfgNode, shapes: Dict[str, ShapeSpec]) -> KeypointRCNNHead:
+    """The keypoint head of ``MODEL.ROI_KEYPOINT_HEAD`` on ``MODEL.ROI_HEADS.IN_FEATURES``, with
+    the box pooler's level rule."""
+    k, h = cfg.MODEL.ROI_KEYPOINT_HEAD, cfg.MODEL.ROI_HEADS
+    if k.POOLER_TYPE not in ("ROIAlign", "ROIAlignV2"):
+        raise ValueError(f"MODEL.ROI_KEYPOINT_HEAD.POOLER_TYPE must be 'ROIAlign' or "
+                         f"'ROIAlignV2', got {k.POOLER_TYPE!r}")
+    in_features = list(h.IN_FEATURES)
+    eps, inside = LEVEL_MAPPINGS[cfg.MODEL.ROI_BOX_HEAD.POOLER_LEVEL_MAPPING]
+    pooler = ROIPooler(output_size=k.POOLER_RESOLUTION,
+                       strides=[shapes[f].stride for f in in_features],
+                       sampling_ratio=k.POOLER_SAMPLING_RATIO,
+                       aligned=k.POOLER_TYPE == "ROIAlignV2", eps=eps, eps_inside_log=inside)
+    return KeypointRCNNHead(
+        in_features=in_features, pooler=pooler, in_channels=shapes[in_features[0]].channels,
+        num_classes=h.NUM_CLASSES, num_keypoints=k.NUM_KEYPOINTS,
+        conv_dims=list(k.CONV_DIMS), loss_weight=k.LOSS_WEIGHT,
+        normalize_by_visible=k.NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS,
+        loss_normalizer=h.BATCH_SIZE_PER_IMAGE * h.POSITIVE_FRACTION * k.NUM_KEYPOINTS,
+    )
+
+
 def build_model(cfg: CfgNode, *, mask_head: Optional[nn.Module] = None) -> GeneralizedRCNN:
     """The detector described by ``cfg`` (random heads; ImageNet backbone weights when
     ``MODEL.BACKBONE.WEIGHTS`` names them). ``MODEL.WEIGHTS`` is loaded by ``load_model``.
     The family table (``detection.families``) decides which builder a config means; families
-    built on this detector (Mask R-CNN, Panoptic FPN) call it with their own config."""
+    built on this detector (Mask R-CNN, Panoptic FPN) call it with their own config. With
+    ``MODEL.KEYPOINT_ON`` the RoI heads get a keypoint head (Keypoint R-CNN, FPN only)."""
+    keypoint_on = cfg.MODEL.get("KEYPOINT_ON", False)
+    if keypoint_on and (cfg.MODEL.ROI_HEADS.NAME != "StandardROIHeads"
+                        or cfg.MODEL.get("MASK_ON", False)):
+        raise ValueError("MODEL.KEYPOINT_ON is supported with MODEL.ROI_HEADS.NAME "
+                         "'StandardROIHeads' (FPN) and without MODEL.MASK_ON; got "
+                         f"{cfg.MODEL.ROI_HEADS.NAME!r}, MASK_ON {cfg.MODEL.get('MASK_ON', False)}")
     res5 = None
     if cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads":
         backbone = build_backbone_body(cfg, ["res2", "res3", "res4", "res5"])
@@ -318,6 +348,8 @@ def build_model(cfg: CfgNode, *, mask_head: Optional[nn.Module] = None) -> Gener
         roi_heads=build_roi_heads(cfg, shapes, res5=res5, mask_head=mask_head),
         metadata=build_metadata(cfg),
     )
+    if keypoint_on:
+        model.roi_heads.keypoint_head = build_keypoint_head(cfg, shapes)
     return model.to(cfg.MODEL.DEVICE)
 
 

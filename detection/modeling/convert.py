@@ -7,6 +7,10 @@ Our names: ``backbone.*`` (FPN: ``backbone.bottom_up.*``, ``backbone.lateral_con
 and ``roi_heads.box_predictor.bbox_pred`` (4 deltas per foreground class). Cascade R-CNN has
 one of each per stage: ``roi_heads.box_head.{k}.fcs.{j}``, ``roi_heads.box_predictor.{k}.*``
 (class-agnostic ``bbox_pred``), from detectron2's ``roi_heads.box_head.{k}.fc{j + 1}``.
+Keypoint R-CNN adds ``roi_heads.keypoint_head.convs.{j}.conv`` and
+``roi_heads.keypoint_head.score_lowres``, from torchvision's ``roi_heads.keypoint_head.{2j}``
+and ``roi_heads.keypoint_predictor.kps_score_lowres`` or detectron2's
+``roi_heads.keypoint_head.conv_fcn{j + 1}`` and ``roi_heads.keypoint_head.score_lowres``.
 """
 
 import re
@@ -109,6 +113,14 @@ def torchvision_to_ours(state_dict: Mapping[str, Any]) -> StateDict:
         if m:
             out[f"roi_heads.box_head.fcs.{int(m.group(1)) - 6}.{m.group(2)}"] = value
             continue
+        m = re.match(r"roi_heads\.keypoint_head\.(\d+)\.(weight|bias)$", key)
+        if m and int(m.group(1)) % 2 == 0:  # Sequential of (conv, ReLU) pairs
+            out[f"roi_heads.keypoint_head.convs.{int(m.group(1)) // 2}.conv.{m.group(2)}"] = value
+            continue
+        m = re.match(r"roi_heads\.keypoint_predictor\.kps_score_lowres\.(weight|bias)$", key)
+        if m:
+            out[f"roi_heads.keypoint_head.score_lowres.{m.group(1)}"] = value
+            continue
         m = re.match(r"roi_heads\.box_head\.(\d+)\.(0|1)\.(.+)$", key)
         if m:  # v2: Conv2dNormActivation blocks
             part = "conv" if m.group(2) == "0" else "norm"
@@ -173,6 +185,13 @@ def detectron2_to_ours(checkpoint: Mapping[str, Any]) -> StateDict:
             else:
                 part = "norm" if norm else "conv"
                 out[f"{head}convs.{int(j) - 1}.{part}.{rest}"] = value
+            continue
+        m = re.match(r"roi_heads\.keypoint_head\.conv_fcn(\d+)\.(weight|bias)$", key)
+        if m:
+            out[f"roi_heads.keypoint_head.convs.{int(m.group(1)) - 1}.conv.{m.group(2)}"] = value
+            continue
+        if re.match(r"roi_heads\.keypoint_head\.score_lowres\.(weight|bias)$", key):
+            out[key] = value
             continue
         if key.startswith("roi_heads.res5."):
             for k, v in detectron2_resnet_to_ours({key[len("roi_heads."):]: value}).items():

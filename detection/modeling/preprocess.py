@@ -198,6 +198,9 @@ class Preprocessor(nn.Module):
                     ratio = torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=dtype,
                                          device=x.device)
                     t["boxes"] = t["boxes"].to(x.device, dtype) * ratio
+                    if "keypoints" in t:
+                        t["keypoints"] = t["keypoints"].to(x.device, dtype) * torch.cat(
+                            [ratio[:2], ratio.new_ones(1)])
                 else:
                     t["boxes"] = t["boxes"].to(x.device, dtype)
                 new_targets.append(t)
@@ -236,6 +239,18 @@ def rescale_boxes(boxes: Tensor, from_size: Tuple[Size, Size], to_size: Tuple[Si
     return boxes
 
 
+def rescale_keypoints(keypoints: Tensor, from_size: Tuple[Size, Size],
+                      to_size: Tuple[Size, Size]) -> Tensor:
+    """Map ``keypoints`` ``(N, K, 3)`` (x, y, v) from an image of ``from_size`` (h, w) to one of
+    ``to_size``; v is kept, nothing is clipped (as torchvision)."""
+    (fh, fw), (th, tw) = from_size, to_size
+    if not is_tracing() and (fh, fw) == (th, tw):
+        return keypoints
+    sizes = size_tensor([fw, fh, tw, th], dtype=keypoints.dtype, device=keypoints.device)
+    scale = torch.cat([sizes[2:] / sizes[:2], sizes.new_ones(1)])
+    return keypoints * scale
+
+
 def detector_inputs(model: nn.Module, images: Sequence[Tensor],
                     targets: Optional[List[Dict[str, Tensor]]]):
     """A detector's first step: in training its ``targets`` are required and checked against
@@ -263,9 +278,11 @@ def as_model_input(model: nn.Module, batch: Tensor) -> Tensor:
 def in_input_pixels(detections, sizes: Sequence[Tuple[Size, Size]],
                     images: Sequence[Tensor]) -> List[Dict[str, Tensor]]:
     """Per image, the result dict of ``detections`` (``Detections``, boxes in the resized
-    image of ``sizes``) with its boxes mapped to the input image's pixels."""
+    image of ``sizes``) with its boxes (and keypoints) mapped to the input image's pixels."""
     results = []
     for det, size, img in zip(detections, sizes, images):
+        if getattr(det, "keypoints", None) is not None:
+            det.keypoints = rescale_keypoints(det.keypoints, size, tuple(img.shape[-2:]))
         det.boxes = rescale_boxes(det.boxes, size, tuple(img.shape[-2:]))
         results.append(det.to_dict())
     return results

@@ -2,7 +2,8 @@
 box regression, for FPN (``StandardROIHeads``) and C4 (``Res5BoxHead`` inside the same
 class, as detectron2's Res5ROIHeads).
 
-Mask heads plug in through ``mask_head`` (see ``MaskHead``); nothing here needs rewriting.
+Mask heads plug in through ``mask_head`` (see ``MaskHead``), keypoint heads through
+``keypoint_head`` (the same protocol, setting ``keypoints``); nothing here needs rewriting.
 """
 
 from typing import Dict, List, Optional, Protocol, Sequence, Tuple
@@ -149,6 +150,7 @@ class StandardROIHeads(nn.Module):
         score_thresh, nms_thresh, detections_per_image: inference.
         min_box_size: drop detections narrower or shorter than it (torchvision 1e-2; 0 off).
         mask_head: optional, see ``MaskHead``.
+        keypoint_head: optional, the same protocol (``keypoint_head.KeypointRCNNHead``).
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class StandardROIHeads(nn.Module):
         proposal_append_gt: bool = True, smooth_l1_beta: float = 0.0,
         score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_image: int = 100,
         min_box_size: float = 0.0, mask_head: Optional[nn.Module] = None,
+        keypoint_head: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
         self.in_features = list(in_features)
@@ -169,6 +172,7 @@ class StandardROIHeads(nn.Module):
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.detections_per_image, self.min_box_size = detections_per_image, min_box_size
         self.mask_head = mask_head
+        self.keypoint_head = keypoint_head
 
     def forward(
         self, features: Dict[str, Tensor], proposals: List[Tensor],
@@ -185,11 +189,15 @@ class StandardROIHeads(nn.Module):
             losses = self.box_losses(logits, deltas, sampled, targets)
             if self.mask_head is not None:
                 losses.update(self.mask_head.loss(features, sampled, targets))
+            if self.keypoint_head is not None:
+                losses.update(self.keypoint_head.loss(features, sampled, targets))
             return [], losses
         logits, deltas = self._predict(feats, proposals)
         detections = self.inference(logits, deltas, proposals, image_sizes)
         if self.mask_head is not None:
             detections = self.mask_head.predict(features, detections)
+        if self.keypoint_head is not None:
+            detections = self.keypoint_head.predict(features, detections)
         return detections, {}
 
     def _predict(self, feats: List[Tensor], boxes: List[Tensor]) -> Tuple[Tensor, Tensor]:

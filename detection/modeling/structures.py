@@ -9,17 +9,24 @@ from torch import Tensor
 @dataclass
 class Detections:
     """Detections of one image: ``boxes`` ``(N, 4)`` xyxy, ``scores`` ``(N,)``, ``labels``
-    ``(N,)`` int64 in 0..K-1, and ``masks`` ``(N, 1, H, W)`` when a mask head ran."""
+    ``(N,)`` int64 in 0..K-1, ``masks`` ``(N, 1, H, W)`` when a mask head ran, and
+    ``keypoints`` ``(N, P, 3)`` (x, y, 1) with ``keypoints_scores`` ``(N, P)`` when a keypoint
+    head ran."""
 
     boxes: Tensor
     scores: Tensor
     labels: Tensor
     masks: Optional[Tensor] = None
+    keypoints: Optional[Tensor] = None
+    keypoints_scores: Optional[Tensor] = None
 
     def to_dict(self) -> Dict[str, Tensor]:
         out = {"boxes": self.boxes, "scores": self.scores, "labels": self.labels}
         if self.masks is not None:
             out["masks"] = self.masks
+        if self.keypoints is not None:
+            out["keypoints"] = self.keypoints
+            out["keypoints_scores"] = self.keypoints_scores
         return out
 
 
