@@ -20,6 +20,7 @@ from PIL import Image
 
 from detection.custom_imports import add_import_argument
 from detection.data.image_io import read_image
+from detection.data.keypoints import COCO_PERSON_KEYPOINT_NAMES, COCO_PERSON_SKELETON
 from detection.deploy.loading import add_runtime_arguments, load_for_inference
 from detection.modeling.predictor import predict
 from detection.visualization import draw_instances
@@ -40,6 +41,18 @@ def list_images(inputs, limit=None):
         else:
             raise FileNotFoundError(f"input {p} is neither a file nor a folder")
     return files[:limit] if limit else files
+
+
+def _keypoints(det: dict, keep: list) -> dict:
+    """The keypoint arguments of ``draw_instances`` for a Keypoint R-CNN's detections: their
+    keypoints, scores and, for COCO's 17 person keypoints, COCO's skeleton."""
+    if "keypoints" not in det:
+        return {}
+    keypoints = det["keypoints"][keep].numpy()
+    skeleton = COCO_PERSON_SKELETON if keypoints.shape[1] == len(COCO_PERSON_KEYPOINT_NAMES) \
+        else ()
+    scores = det["keypoints_scores"][keep].numpy() if "keypoints_scores" in det else None
+    return {"keypoints": keypoints, "keypoint_scores": scores, "skeleton": skeleton}
 
 
 def _binary_masks(det: dict, keep: list):
@@ -77,7 +90,7 @@ def main(argv=None) -> int:
         drawn = draw_instances(
             image, det["boxes"][keep].numpy(), [int(det["labels"][i]) for i in keep],
             class_names=model.metadata.class_names, scores=det["scores"][keep].tolist(),
-            masks=_binary_masks(det, keep),
+            masks=_binary_masks(det, keep), **_keypoints(det, keep),
         )
         target = out_dir / f"{path.stem}.png"
         Image.fromarray(drawn).save(target)

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 __all__ = [
     "COCO_PERSON_KEYPOINT_NAMES",
+    "COCO_PERSON_SKELETON",
     "check_keypoints",
     "filter_images_with_few_keypoints",
     "flip_indices",
@@ -22,6 +23,12 @@ COCO_PERSON_KEYPOINT_NAMES = (
     "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
     "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip",
     "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle",
+)
+
+# The person category's ``skeleton`` in COCO's keypoint json, 0-based: limbs as keypoint pairs.
+COCO_PERSON_SKELETON = (
+    (15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7),
+    (6, 8), (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6),
 )
 
 

@@ -4,6 +4,7 @@ loaded with every key used."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torchvision.models.detection import keypointrcnn_resnet50_fpn
@@ -445,3 +446,33 @@ def test_mapper_targets_train_the_model(tmp_path, coco_writer):
     model = build_model(cfg).train()
     losses = model([item["image"]], [item["instances"]])
     assert torch.isfinite(losses["loss_keypoint"]) and losses["loss_keypoint"] > 0
+
+
+def test_demo_draws_keypoints_and_the_skeleton():
+    import runpy
+
+    from detection.data.keypoints import COCO_PERSON_SKELETON
+    from detection.visualization import class_colour, draw_instances
+
+    image = np.zeros((60, 80, 3), np.uint8)
+    kps = np.zeros((1, 17, 3), np.float32)
+    kps[0, :, 2] = 1
+    kps[0, 5, :2], kps[0, 6, :2] = (20, 30), (60, 30)  # the shoulders: limb (5, 6)
+    kps[0, 0, :2] = (40, 10)
+    scores = np.full((1, 17), 5.0, np.float32)
+    scores[0, 0] = -1.0  # the nose under the threshold: not drawn
+    others = [i for i in range(17) if i not in (0, 5, 6)]
+    kps[0, others, 2] = 0  # invisible
+    out = draw_instances(image, np.array([[0, 0, 0, 0]]), [2], keypoints=kps,
+                         keypoint_scores=scores, skeleton=COCO_PERSON_SKELETON)
+    colour = np.array(class_colour(2))
+    assert (out[30, 20] == colour).all() and (out[30, 60] == colour).all()  # the two dots
+    assert (out[30, 40] == colour).all()  # the limb between them
+    assert (out[10, 40] == 0).all()  # the nose
+    assert (out[45:, :] == 0).all()  # nothing else below the shoulders
+
+    demo = runpy.run_path(str(Path(__file__).resolve().parents[2] / "tools" / "demo.py"))
+    det = {"keypoints": torch.from_numpy(kps), "keypoints_scores": torch.from_numpy(scores)}
+    args = demo["_keypoints"](det, [0])
+    assert args["skeleton"] == COCO_PERSON_SKELETON and args["keypoints"].shape == (1, 17, 3)
+    assert demo["_keypoints"]({"boxes": torch.zeros(0, 4)}, []) == {}
