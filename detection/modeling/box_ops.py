@@ -156,3 +156,23 @@ def top_k_per_group(group: Tensor, num_groups: int, k: int) -> Tensor:
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(group.numel(), device=group.device) - starts[sorted_group]
     return order[rank < k]
+
+
+def select_detections(boxes: Tensor, scores: Tensor, labels: Tensor,
+                      image_sizes: Sequence[Tuple[Size, Size]], *, num_classes: int,
+                      score_thresh: float, nms_thresh: float,
+                      detections_per_image: int) -> List[Tuple[Tensor, Tensor, Tensor]]:
+    """A one-stage detector's last step over its per-image candidates (``boxes`` ``(N, C,
+    4)``, ``scores`` and ``labels`` ``(N, C)``): boxes clipped to the images, scores above
+    ``score_thresh``, per-class NMS, the best ``detections_per_image`` of each image ->
+    per image ``(boxes, scores, labels)``, by decreasing score."""
+    n = len(image_sizes)
+    boxes = clip_boxes(boxes, size_limits(image_sizes, boxes)[:, None, :]).reshape(-1, 4)
+    image_idx = torch.arange(n, device=scores.device)[:, None].expand_as(scores).reshape(-1)
+    scores, labels = scores.reshape(-1), labels.reshape(-1)
+    valid = torch.nonzero(scores > score_thresh).squeeze(1)
+    keep = valid[batched_nms(boxes[valid], scores[valid],
+                             image_idx[valid] * num_classes + labels[valid], nms_thresh)]
+    keep = keep[top_k_per_group(image_idx[keep], n, detections_per_image)]
+    return list(zip(*(split_per_image(v[keep], image_idx[keep], n)
+                      for v in (boxes, scores, labels))))

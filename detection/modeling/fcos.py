@@ -39,11 +39,7 @@ from backbones.fused import apply_relu
 from .anchors import AnchorGenerator
 from .box_ops import (
     LinearBoxCoder,
-    batched_nms,
-    clip_boxes,
-    size_limits,
-    split_per_image,
-    top_k_per_group,
+    select_detections,
 )
 from .metadata import Metadata
 from .preprocess import Preprocessor, detector_inputs, in_input_pixels
@@ -286,16 +282,8 @@ class FCOS(nn.Module):
             boxes.append(self.box_coder.decode(d, p[point_idx]))  # [N, k, 4]
             scores.append(top)
             labels.append(idx % k)
-        scores_t, boxes_t, labels_t = torch.cat(scores, 1), torch.cat(boxes, 1), \
-            torch.cat(labels, 1)
-        boxes_t = clip_boxes(boxes_t, size_limits(image_sizes, boxes_t)[:, None, :])
-        image_idx = torch.arange(n, device=scores_t.device)[:, None].expand_as(scores_t)
-        image_idx, labels_t = image_idx.reshape(-1), labels_t.reshape(-1)
-        boxes_t, scores_t = boxes_t.reshape(-1, 4), scores_t.reshape(-1)
-        valid = torch.nonzero(scores_t > self.score_thresh).squeeze(1)
-        keep = valid[batched_nms(boxes_t[valid], scores_t[valid],
-                                 image_idx[valid] * k + labels_t[valid], self.nms_thresh)]
-        keep = keep[top_k_per_group(image_idx[keep], n, self.detections_per_image)]
-        per_image = zip(*(split_per_image(v[keep], image_idx[keep], n)
-                          for v in (boxes_t, scores_t, labels_t)))
+        per_image = select_detections(
+            torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(labels, 1), image_sizes,
+            num_classes=k, score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
+            detections_per_image=self.detections_per_image)
         return [Detections(boxes=b, scores=s, labels=lab) for b, s, lab in per_image]
