@@ -9,7 +9,6 @@ or breaks one of them from outside the library.
 import datetime
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,27 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from launching import REPO, free_port, tiny_shapes
 
-from detection.data import shapes
 from detection.engine import distributed as du
 from detection.engine.checkpoint import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[2]
 INJECT = Path(__file__).with_name("fault_inject.py")
 MAX_ITER = 5  # checkpoints after 2 and 4
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    p = shapes.ensure_shapes_dataset(root=root, num_train=12, num_val=4, image_size=(96, 128))
-    return f"{p.train_json}:{p.train_images}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return tiny_shapes(tmp_path_factory.mktemp("shapes"))
 
 
 def launch(train: str, out: Path, *, fault: str = "", resume: bool = False,

@@ -11,8 +11,6 @@ on this machine run ``tools/train_det.py`` over gloo.
   of the run that was never interrupted.
 """
 
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,40 +18,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import REPO, TRAIN, clean_env, free_port, tiny_shapes
 
-from detection.data import shapes
 from detection.engine.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.starts_processes
 
-REPO = Path(__file__).resolve().parents[2]
-TRAIN = REPO / "tools" / "train_det.py"
 INJECT = Path(__file__).with_name("fault_inject.py")
 MAX_ITER = 6
 TERM_AT = 3  # the iteration in which the preempted run gets SIGTERM
-# variables of an outer launcher that must not leak into the ones started here
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-               "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    p = shapes.ensure_shapes_dataset(root=root, num_train=12, num_val=4, image_size=(96, 128))
-    return f"{p.train_json}:{p.train_images}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
-    return env
+    return tiny_shapes(tmp_path_factory.mktemp("shapes"))
 
 
 def train_args(train: str, out: Path) -> list:

@@ -9,7 +9,6 @@ them is killed the rank watchdog stops the other with an error naming it.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import LAUNCH_VARS, REPO, TRAIN, clean_env, free_port, tiny_shapes
 
-from detection.data import shapes
 from detection.engine import distributed as du
 from detection.engine.checkpoint import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[2]
-TRAIN = REPO / "tools" / "train_det.py"
 INJECT = Path(__file__).with_name("fault_inject.py")
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-               "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 SLURM_2 = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_NODEID": "0"}
 
@@ -93,22 +88,7 @@ def test_local_rank_comes_from_either_launcher(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    p = shapes.ensure_shapes_dataset(root=root, num_train=12, num_val=4, image_size=(96, 128))
-    return f"{p.train_json}:{p.train_images}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
-    return env
+    return tiny_shapes(tmp_path_factory.mktemp("shapes"))
 
 
 def train_args(train: str, out: Path) -> list:
