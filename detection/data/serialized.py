@@ -7,24 +7,193 @@ container), so each worker's private memory grows with the records it has read u
 a copy of them all. ``SerializedRecords`` pickles each record into one numpy byte buffer with
 an offset array (detectron2's answer to the same problem): two objects, which a worker only
 reads, and a record is unpickled afresh on each access.
+
+To keep the buffer small, the annotations' lists of floats (``bbox``, ``keypoints``, polygon
+``segmentation``) are taken out of the pickled dicts into two arrays: int32 hundredths for the
+records whose numbers all round-trip exactly that way (COCO writes two decimals), float64 for
+the others; and the file names' common folder is stored once. Decoding gives back equal
+records, float for float.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Sequence
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
 __all__ = ["SerializedRecords"]
 
+_LAYOUT = "\0numbers"  # the key under which a pickled record carries its numbers' layout
+_INT32_MAX = 2**31 - 1
+_TAKEN = [frozenset(k for bit, k in ((1, "bbox"), (2, "keypoints"), (4, "segmentation"))
+                    if flag & bit) for flag in range(8)]  # the keys a flag moves out
+_CHUNK = 2048  # records whose numbers are encoded together (bounds the extra memory)
+
+
+def _floats(value: Any) -> bool:
+    return type(value) is list and len(value) > 0 and set(map(type, value)) == {float}
+
+
+def _lists(value: Any) -> bool:
+    return type(value) is list and len(value) > 0
+
+
+def _take_numbers(record: dict, boxes: list, numbers: list, strict: bool) -> dict:
+    """A copy of ``record`` whose annotations' float lists moved to the end of ``boxes``
+    (``bbox``) and ``numbers`` (``keypoints``, polygons),
+    with their layout under ``_LAYOUT``: per annotation a flag (1 bbox, 2 keypoints, 4
+    segmentation) and the lengths (a polygon segmentation: its count, then each polygon's).
+    Not ``strict``, every non-empty list is taken: the caller checks they held only floats."""
+    if _LAYOUT in record:
+        raise ValueError(f"a record may not hold the reserved key {_LAYOUT!r}")
+    anns = record.get("annotations")
+    if type(anns) is not list:
+        return record
+    floats = _floats if strict else _lists
+    layout, out_anns, taken = [], [], False
+    for ann in anns:
+        flag, lengths = 0, []
+        if type(ann) is dict:
+            box, points, seg = ann.get("bbox"), ann.get("keypoints"), ann.get("segmentation")
+            if floats(box):
+                flag, lengths = 1, [len(box)]
+                boxes.extend(box)
+            if floats(points):
+                flag |= 2
+                lengths.append(len(points))
+                numbers.extend(points)
+            if type(seg) is list and seg and (all(map(_floats, seg)) if strict else
+                                              set(map(type, seg)) == {list} and all(seg)):
+                flag |= 4
+                lengths.append(len(seg))
+                for polygon in seg:
+                    lengths.append(len(polygon))
+                    numbers.extend(polygon)
+            if flag:
+                taken = True
+                drop = _TAKEN[flag]
+                ann = {k: v for k, v in ann.items() if k not in drop}
+        layout.append((flag, lengths) if flag else 0)
+        out_anns.append(ann)
+    if not taken:
+        return record
+    out = dict(record, annotations=out_anns)
+    out[_LAYOUT] = layout
+    return out
+
+
+def _put_numbers(record: dict, boxes: list, values: list) -> dict:
+    """The inverse of ``_take_numbers``: ``boxes`` and ``values`` are the record's numbers."""
+    layout = record.pop(_LAYOUT)
+    i = b = 0
+    for ann, entry in zip(record["annotations"], layout):
+        if not entry:
+            continue
+        flag, lengths = entry
+        k = 0
+        if flag & 1:
+            ann["bbox"] = boxes[b:b + lengths[0]]
+            b, k = b + lengths[0], 1
+        if flag & 2:
+            ann["keypoints"] = values[i:i + lengths[k]]
+            i, k = i + lengths[k], k + 1
+        if flag & 4:
+            polygons = []
+            for n in lengths[k + 1:k + 1 + lengths[k]]:
+                polygons.append(values[i:i + n])
+                i += n
+            ann["segmentation"] = polygons
+    return record
+
+
+class _Numbers:
+    """Per record a run of floats, held as int32 hundredths where every value of the run
+    round-trips exactly that way (COCO writes two decimals), else as float64."""
+
+    def __init__(self) -> None:
+        self._parts: list = []
+
+    def add(self, values: list, ends: list) -> None:
+        """The runs of a chunk of records: ``values[ends[i-1]:ends[i]]`` is record i's."""
+        a = np.array(values, dtype=np.float64)
+        c = np.rint(a * 100.0)
+        bad = np.concatenate([[0], np.cumsum(~((np.abs(c) <= _INT32_MAX) & (c / 100 == a)))])
+        ends = np.asarray(ends, dtype=np.int64)
+        starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+        exact = bad[ends] == bad[starts]
+        of_exact = np.repeat(exact, ends - starts)
+        self._parts.append((c[of_exact].astype(np.int32), a[~of_exact], ends - starts, exact))
+
+    def close(self) -> None:
+        def cat(k, dtype):
+            return (np.concatenate([p[k] for p in self._parts]) if self._parts
+                    else np.zeros(0, dtype))
+        self._centi, self._wide = cat(0, np.int32), cat(1, np.float64)
+        count, self._exact = cat(2, np.int64), cat(3, bool)
+        self._count = count.astype(np.int32)
+        # where each record's run ends in its array (centi if exact, else wide)
+        self._ends = np.where(self._exact, np.cumsum(count * self._exact),
+                              np.cumsum(count * ~self._exact)).astype(np.int64)
+        del self._parts
+
+    def __getitem__(self, index: int) -> list:
+        end = int(self._ends[index])
+        begin = end - int(self._count[index])
+        if self._exact[index]:
+            return (self._centi[begin:end] / 100.0).tolist()
+        return self._wide[begin:end].tolist()
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in (self._centi, self._wide, self._count, self._exact,
+                                          self._ends)))
+
+
+def _common_folder(names: list) -> str:
+    """The folder (ending in a separator) that every name lies in, or ``""``."""
+    if len(names) < 2 or not all(type(n) is str for n in names):
+        return ""
+    try:
+        folder = os.path.commonpath(names)
+    except ValueError:  # absolute and relative names mixed
+        return ""
+    folder = folder.rstrip(os.sep) + os.sep
+    return folder if len(folder) > 1 and all(n.startswith(folder) for n in names) else ""
+
 
 class SerializedRecords(Sequence):
-    """An immutable sequence of records (any picklable dicts) stored pickled in one buffer."""
+    """An immutable sequence of records (any picklable dicts) stored pickled in one buffer,
+    their annotations' numbers in two arrays (see the module doc)."""
 
     def __init__(self, records: Iterable[dict]) -> None:
-        blobs = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in records]
+        records = records if isinstance(records, list) else list(records)
+        self._folder = _common_folder([r.get("file_name") for r in records])
+        cut = len(self._folder)
+        blobs = []
+        self._boxes, self._numbers = _Numbers(), _Numbers()
+        for first in range(0, len(records), _CHUNK):
+            chunk = records[first:first + _CHUNK]
+            for strict in (False, True):
+                boxes: list = []
+                numbers: list = []
+                box_ends, ends, taken = [], [], []
+                for r in chunk:
+                    taken.append(_take_numbers(r, boxes, numbers, strict))
+                    box_ends.append(len(boxes))
+                    ends.append(len(numbers))
+                if strict or not (set(map(type, boxes)) | set(map(type, numbers))) - {float}:
+                    break  # else ints or other values: list by list
+            self._boxes.add(boxes, box_ends)
+            self._numbers.add(numbers, ends)
+            for r in taken:
+                if cut:
+                    r = dict(r, file_name=r["file_name"][cut:])
+                blobs.append(pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL))
+        self._boxes.close()
+        self._numbers.close()
         self._ends = np.cumsum(np.fromiter((len(b) for b in blobs), dtype=np.int64,
                                            count=len(blobs)))
         self._buffer = np.frombuffer(b"".join(blobs), dtype=np.uint8)
@@ -40,9 +209,15 @@ class SerializedRecords(Sequence):
             raise IndexError(f"record {index} of {n}")
         index %= n
         start = int(self._ends[index - 1]) if index else 0
-        return pickle.loads(self._buffer[start:int(self._ends[index])].tobytes())
+        record = pickle.loads(self._buffer[start:int(self._ends[index])].tobytes())
+        if _LAYOUT in record:
+            _put_numbers(record, self._boxes[index], self._numbers[index])
+        if self._folder:
+            record["file_name"] = self._folder + record["file_name"]
+        return record
 
     @property
     def nbytes(self) -> int:
-        """The memory the records take: the buffer and the offsets."""
-        return int(self._buffer.nbytes + self._ends.nbytes)
+        """The memory the records take: the buffer, the numbers and the offsets."""
+        return int(self._buffer.nbytes + self._ends.nbytes + self._boxes.nbytes
+                   + self._numbers.nbytes)
