@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Export a Faster R-CNN or Mask R-CNN (FPN or C4) to ONNX, TorchScript or OpenVINO IR.
+"""Export a detector to ONNX, TorchScript or OpenVINO IR: Faster R-CNN or Mask R-CNN (FPN or
+C4), Cascade (Mask) R-CNN, Keypoint R-CNN, RetinaNet or FCOS.
 
     python tools/export_model.py --weights output/faster_rcnn_r18_fpn_shapes/model_final.pth \\
         --format onnx --output exported/shapes_onnx
@@ -8,10 +9,11 @@
     python tools/demo.py --weights exported/shapes_onnx --input img.jpg      # runs the export
 
 The exported graph takes one RGB image (3, H, W), float32 on a 0-255 scale, of any size, and
-returns boxes (N, 4) in its pixels, scores, labels (and masks (N, 1, H, W) for Mask R-CNN):
-resizing, normalization and the mapping back to input pixels are inside it. After writing,
-the tool runs the file on two sample images, compares it with the eager model and prints the
-agreement (also stored in OUTPUT/export.json).
+returns boxes (N, 4) in its pixels, scores, labels (and masks (N, 1, H, W) for Mask R-CNN,
+keypoints (N, P, 3) and keypoints_scores (N, P) for Keypoint R-CNN): resizing, normalization
+and the mapping back to input pixels are inside it. After writing, the tool runs the file on
+two sample images, compares it with the eager model and prints the agreement (also stored in
+OUTPUT/export.json).
 
 OpenVINO IR exports (and ONNX ones with --split) also hold the model as three graphs, preprocess,
 backbone and heads, so that `--runtime openvino --precision bf16` runs the backbone in bf16 and the
@@ -64,7 +66,8 @@ def main(argv=None) -> int:
     model = load_model(cfg, args.weights, optimize=False)
     info = export_model(model, args.output, args.format, trace_size=tuple(args.trace_size),
                         source={"weights": args.weights, "config": args.config or ""},
-                        split=args.split or args.precision == "int8")
+                        # None: export_model's default (split graphs for openvino)
+                        split=True if args.split or args.precision == "int8" else None)
     print(f"wrote {args.output / info.model_file} ({args.format}; outputs "
           f"{', '.join(info.outputs)}; {len(info.class_names)} classes)")
     if info.parts:

@@ -1,17 +1,20 @@
-"""Exporting a detector (Faster R-CNN or Mask R-CNN, FPN or C4) to ONNX, TorchScript or
-OpenVINO IR, as one graph from an RGB image to detections in that image's pixels.
+"""Exporting a detector to ONNX, TorchScript or OpenVINO IR, as one graph from an RGB image to
+detections in that image's pixels. The families covered: Faster R-CNN and Mask R-CNN (FPN or
+C4), Cascade (Mask) R-CNN, Keypoint R-CNN, RetinaNet and FCOS.
 
 The graph is traced from the plain model (no fused oneDNN ops, no bf16): the model's code
 keeps image sizes symbolic under tracing (``detection.modeling.tracing``), so resizing,
-normalization, padding, anchors, proposals, RoI pooling, NMS, the mapping of boxes back to
-input pixels and the pasting of masks are all inside the graph, and the graph runs on any
-image size.
+normalization, padding, anchors or points, proposals, RoI pooling, NMS, the mapping of boxes
+back to input pixels, the pasting of masks and the decoding of keypoint heatmaps are all
+inside the graph, and the graph runs on any image size.
 
     graph input   image   (3, H, W) float32, RGB, 0-255
     graph outputs boxes   (N, 4) float32, xyxy in the input's pixels
                   scores  (N,) float32
                   labels  (N,) int64, contiguous 0..K-1 (names in export.json)
                   masks   (N, 1, H, W) float32 mask probabilities (Mask R-CNN only)
+                  keypoints         (N, P, 3) float32, (x, y, 1) in the input's pixels
+                  keypoints_scores  (N, P) float32 heatmap logits (Keypoint R-CNN only)
 
 Next to the model file, ``export.json`` records the format, the outputs, the class names and
 dataset category ids, the mask threshold and the agreement check that the exporter ran.
@@ -31,6 +34,11 @@ FORMATS = ("onnx", "torchscript", "openvino")
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt", "openvino": "model.xml"}
 OPSET = 17
 SPLIT_FORMATS = ("onnx", "openvino")
+# The model families that export covers.
+COVERED = ("Faster R-CNN, Mask R-CNN (FPN or C4), Cascade (Mask) R-CNN, Keypoint R-CNN, "
+           "RetinaNet and FCOS")
+# Outputs of the eager model that the runtimes derive from the graph's (``runtimes.py``).
+DERIVED_OUTPUTS = ("binary_masks",)
 
 
 class UnsupportedExportError(ValueError):
@@ -38,16 +46,26 @@ class UnsupportedExportError(ValueError):
 
 
 class SingleImageGraph(nn.Module):
-    """What is exported: the detector on one image, returning a tuple of tensors."""
+    """What is exported: the detector on one image, returning its outputs
+    (``_output_names``) as a tuple of tensors. An output of the eager model that the graph
+    would not return raises ``UnsupportedExportError`` rather than being dropped."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.output_names = _output_names(model)
 
     def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
         out = self.model([image])[0]
-        outputs = (out["boxes"], out["scores"], out["labels"])
-        return outputs + (out["masks"],) if "masks" in out else outputs
+        missing = [name for name in self.output_names if name not in out]
+        if missing:
+            raise UnsupportedExportError(f"the model's output lacks {', '.join(missing)}")
+        dropped = sorted(set(out) - set(self.output_names) - set(DERIVED_OUTPUTS))
+        if dropped:
+            raise UnsupportedExportError(
+                f"the model ({type(self.model).__name__}) also returns {', '.join(dropped)}, "
+                f"which the exported graph has no output for (export covers {COVERED})")
+        return tuple(out[name] for name in self.output_names)
 
 
 @dataclass
@@ -78,7 +96,8 @@ class ExportInfo:
 
 
 def unsupported_parts(model: nn.Module, fmt: str) -> List[str]:
-    """Names of the modules of ``model`` that ``fmt`` cannot represent (empty: exportable)."""
+    """The parts of ``model`` that ``fmt`` cannot represent, each named with the reason
+    (empty: exportable); a model outside the covered families (``COVERED``) is one."""
     bad = []
     for name, module in model.named_modules():
         kind = type(module).__name__
@@ -88,18 +107,27 @@ def unsupported_parts(model: nn.Module, fmt: str) -> List[str]:
         if kind in ("FusedConv2d", "FusedLinear", "FusedBlock", "FusedStem"):
             bad.append(f"{name} (fused oneDNN op: export the plain model, load_model(..., "
                        "optimize=False))")
+    from detection.modeling.fcos import FCOS
     from detection.modeling.retinanet import RetinaNet
 
-    if not hasattr(model, "roi_heads") and not isinstance(model, RetinaNet):
-        bad.append(f"the model ({type(model).__name__}): export covers Faster R-CNN, "
-                   "Mask R-CNN and RetinaNet")
+    if not hasattr(model, "roi_heads") and not isinstance(model, (RetinaNet, FCOS)):
+        bad.append(f"the model ({type(model).__name__}): export covers {COVERED}")
+    elif getattr(model, "sem_seg_head", None) is not None:
+        bad.append(f"sem_seg_head (the model, {type(model).__name__}, returns semantic and "
+                   f"panoptic segmentations, which have no graph output; export covers "
+                   f"{COVERED})")
     return bad
 
 
 def _output_names(model: nn.Module) -> List[str]:
+    """The graph's outputs for ``model``: boxes, scores, labels, and the masks and keypoints
+    of the heads it has."""
     names = ["boxes", "scores", "labels"]
-    if getattr(getattr(model, "roi_heads", None), "mask_head", None) is not None:
+    roi_heads = getattr(model, "roi_heads", None)
+    if getattr(roi_heads, "mask_head", None) is not None:
         names.append("masks")
+    if getattr(roi_heads, "keypoint_head", None) is not None:
+        names += ["keypoints", "keypoints_scores"]
     return names
 
 

@@ -1,6 +1,7 @@
 """Running an exported detector in ONNX Runtime, OpenVINO or TorchScript behind the eager
 model's interface: ``model(images)`` returns per image the same dict (``boxes``, ``scores``,
-``labels``, and ``masks`` / ``binary_masks`` for Mask R-CNN), so ``predict``, the demo,
+``labels``, ``masks`` / ``binary_masks`` for Mask R-CNN, ``keypoints`` / ``keypoints_scores``
+for Keypoint R-CNN: the export's outputs, ``ExportInfo.outputs``), so ``predict``, the demo,
 evaluation and the submission tool run unchanged on any runtime."""
 
 import importlib

@@ -9,7 +9,8 @@ shapes default). Split in three, the detector runs as the torch bf16 mode does:
 - ``preprocess``: image -> normalized, resized, padded batch, plus the sizes the heads need;
   float32.
 - ``backbone``: batch -> backbone features (ResNet, FPN); compiled in bf16.
-- ``heads``: image (for its size), sizes, features -> RPN, RoI heads, rescaling, masks;
+- ``heads``: image (for its size), sizes, features -> RPN and RoI heads (box, cascade, mask
+  and keypoint heads) or a one-stage head (RetinaNet, FCOS), rescaling, masks, keypoints;
   compiled in float32.
 
 The heads graph is traced from the unchanged model: while it is traced, the model's

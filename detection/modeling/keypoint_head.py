@@ -21,7 +21,18 @@ from .roi_heads import conv_stack
 from .structures import Detections, SampledProposals
 from .tracing import is_tracing
 
-__all__ = ["KeypointRCNNHead", "decode_heatmaps", "keypoint_targets"]
+__all__ = ["KeypointRCNNHead", "decode_heatmaps", "decode_heatmaps_padded",
+           "keypoint_targets", "shift_keypoints"]
+
+
+def shift_keypoints(result: Dict[str, Tensor], offset: float) -> Dict[str, Tensor]:
+    """``result`` (a target or an output dict) with ``offset`` added to the x and y of its
+    ``keypoints`` ``(N, K, 3)``; the same dict when it has none or ``offset`` is 0."""
+    if not offset or result.get("keypoints") is None:
+        return result
+    kp = result["keypoints"]
+    shift = kp.new_tensor([offset, offset, 0.0])
+    return {**result, "keypoints": kp + shift}
 
 
 def keypoint_targets(keypoints: Tensor, rois: Tensor, size: int) -> Tuple[Tensor, Tensor]:
@@ -49,8 +60,11 @@ def decode_heatmaps(heatmaps: Tensor, boxes: Tensor) -> Tuple[Tensor, Tensor]:
 
     Each box's maps are upsampled (bicubic) to its size in pixels, rounded up, and the
     maximum cell's centre is mapped back into the box (Heckbert's ``c = d + 0.5``), as
-    torchvision and detectron2 decode them. One box at a time: the sizes differ.
+    torchvision and detectron2 decode them. One box at a time: the sizes differ. Under
+    tracing, :func:`decode_heatmaps_padded` (one graph for any number of boxes).
     """
+    if is_tracing():
+        return decode_heatmaps_padded(heatmaps, boxes)
     n, k = heatmaps.shape[:2]
     keypoints = heatmaps.new_zeros((n, k, 3))
     scores = heatmaps.new_zeros((n, k))
@@ -73,6 +87,56 @@ def decode_heatmaps(heatmaps: Tensor, boxes: Tensor) -> Tuple[Tensor, Tensor]:
     return keypoints, scores
 
 
+def _bicubic_weights(out_sizes: Tensor, length: Tensor, size: int) -> Tensor:
+    """Per box, the matrix ``(length, size)`` that upsamples ``size`` samples to
+    ``out_sizes[i]`` as ``F.interpolate(mode="bicubic", align_corners=False)`` does (Keys'
+    kernel, a = -0.75, indices clamped at the borders); rows from ``out_sizes[i]`` on are
+    padding -> ``(N, length, size)``."""
+    a = -0.75
+    dst = torch.arange(length, device=out_sizes.device).to(out_sizes.dtype)
+    src = (size / out_sizes)[:, None] * (dst[None] + 0.5) - 0.5  # [N, L]
+    first = src.floor()
+    t = src - first
+    u = 1.0 - t
+    coeffs = (((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+              ((a + 2) * t - (a + 3)) * t * t + 1,
+              ((a + 2) * u - (a + 3)) * u * u + 1,
+              ((a * (u + 1) - 5 * a) * (u + 1) + 8 * a) * (u + 1) - 4 * a)
+    cells = torch.arange(size, device=out_sizes.device)
+    taps = [(first.long() + (j - 1)).clamp(0, size - 1) for j in range(4)]
+    return sum((i[..., None] == cells).to(src.dtype) * c[..., None] for i, c in zip(taps, coeffs))
+
+
+def decode_heatmaps_padded(heatmaps: Tensor, boxes: Tensor) -> Tuple[Tensor, Tensor]:
+    """:func:`decode_heatmaps` for all boxes at once, for export: each box's maps are
+    upsampled by bicubic interpolation matrices into a canvas as large as the largest box
+    (its own size and no larger: the cells beyond are masked out), so that the number of
+    boxes and their sizes stay symbolic in a traced graph. Equal to ``decode_heatmaps`` up
+    to float rounding; the canvas takes ``N * K * max_h * max_w`` floats."""
+    m = heatmaps.shape[-1]
+    widths = (boxes[:, 2] - boxes[:, 0]).clamp(min=1)
+    heights = (boxes[:, 3] - boxes[:, 1]).clamp(min=1)
+    out_w, out_h = widths.ceil(), heights.ceil()
+    one = out_w.new_ones(1)  # no boxes: a 1 x 1 canvas
+    max_w = torch.cat((out_w, one)).max().long()
+    max_h = torch.cat((out_h, one)).max().long()
+    rows = _bicubic_weights(out_h, max_h, m)  # [N, max_h, M]
+    cols = _bicubic_weights(out_w, max_w, m)  # [N, max_w, M]
+    maps = rows[:, None] @ heatmaps @ cols[:, None].transpose(2, 3)  # [N, K, max_h, max_w]
+    ys = torch.arange(max_h, device=boxes.device).to(boxes.dtype)
+    xs = torch.arange(max_w, device=boxes.device).to(boxes.dtype)
+    inside = (ys[None, :, None] < out_h[:, None, None]) & (xs[None, None] < out_w[:, None, None])
+    maps = maps.masked_fill(~inside[:, None], float("-inf"))
+    # explicit sizes: a -1 cannot be inferred when there are no boxes
+    flat = maps.reshape(heatmaps.shape[0], heatmaps.shape[1], max_h * max_w)
+    scores, pos = flat.max(dim=2)  # [N, K]
+    x_int = pos % max_w
+    y_int = torch.div(pos - x_int, max_w, rounding_mode="floor")
+    x = (x_int.to(heatmaps.dtype) + 0.5) * (widths / out_w)[:, None] + boxes[:, 0:1]
+    y = (y_int.to(heatmaps.dtype) + 0.5) * (heights / out_h)[:, None] + boxes[:, 1:2]
+    return torch.stack((x, y, torch.ones_like(x)), dim=2), scores
+
+
 class KeypointRCNNHead(nn.Module):
     """Pooler + conv tower + deconvolution + 2x upsampling.
 
@@ -90,6 +154,11 @@ class KeypointRCNNHead(nn.Module):
             keypoints (torchvision; detectron2's default); otherwise by ``loss_normalizer``.
         loss_normalizer: detectron2's fixed normaliser per image (``BATCH_SIZE_PER_IMAGE *
             POSITIVE_FRACTION * K``), used when ``normalize_by_visible`` is False.
+        coordinate_offset: the weights' keypoint convention: 0 for raw COCO coordinates
+            (torchvision), 0.5 for detectron2's (index + 0.5). ``GeneralizedRCNN`` adds it to
+            the target keypoints and subtracts it from its outputs, both in the pixels of its
+            input images (:func:`shift_keypoints`); the head itself works in the weights'
+            convention.
     """
 
     relu_layers = ("convs",)  # inference fusion (detection.optimize)
@@ -97,9 +166,10 @@ class KeypointRCNNHead(nn.Module):
     def __init__(self, *, in_features: Sequence[str], pooler: ROIPooler, in_channels: int,
                  num_classes: int, num_keypoints: int = 17, conv_dims: Sequence[int] = (512,) * 8,
                  loss_weight: float = 1.0, normalize_by_visible: bool = True,
-                 loss_normalizer: float = 0.0) -> None:
+                 loss_normalizer: float = 0.0, coordinate_offset: float = 0.0) -> None:
         super().__init__()
         self.in_features, self.pooler = list(in_features), pooler
+        self.coordinate_offset = float(coordinate_offset)
         self.num_classes, self.num_keypoints = num_classes, num_keypoints
         self.loss_weight, self.normalize_by_visible = loss_weight, normalize_by_visible
         self.loss_normalizer = loss_normalizer
