@@ -185,6 +185,9 @@ def _solver() -> CfgNode:
     # Mixed precision: float16 autocast with a GradScaler on CUDA (detectron2's), bf16
     # autocast on a CPU with native bf16 (avx512_bf16 / AMX); ignored, with a warning, elsewhere
     s.AMP.ENABLED = False
+    # KEY VALUE pairs that replace the config's values when AMP is enabled but cannot run on
+    # this machine (a CPU without native bf16), e.g. a shorter float32 schedule; logged
+    s.AMP.FALLBACK_OPTS = []
     return s
 
 

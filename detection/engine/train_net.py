@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from backbones.machine import describe
 from detection.families import get_family
 
 from . import distributed as du
@@ -22,9 +23,9 @@ from .events import MetricsWriter, plot_curves
 from .loading import attach_dataset_metadata, load_weights
 from .run_setup import seed_all
 from .solver import build_lr_scheduler, build_optimizer
-from .trainer import Trainer, flatten_results
+from .trainer import Trainer, amp_dtype, flatten_results
 
-__all__ = ["train"]
+__all__ = ["apply_amp_fallback", "train"]
 
 logger = logging.getLogger("detection.train")
 
@@ -36,12 +37,33 @@ def _clip_gradients(cfg: Any) -> Optional[Dict[str, Any]]:
     return {"type": c.CLIP_TYPE, "value": c.CLIP_VALUE, "norm_type": c.NORM_TYPE}
 
 
+def apply_amp_fallback(cfg: Any) -> bool:
+    """Merge ``SOLVER.AMP.FALLBACK_OPTS`` into ``cfg`` (and log them) when the config asks
+    for AMP and this machine cannot run it (``amp_dtype``); True when merged."""
+    opts = list(cfg.SOLVER.AMP.FALLBACK_OPTS)
+    if not cfg.SOLVER.AMP.ENABLED or not opts or amp_dtype(torch.device(cfg.MODEL.DEVICE)):
+        return False
+    if len(opts) % 2:
+        raise ValueError(f"SOLVER.AMP.FALLBACK_OPTS must be KEY VALUE pairs, got {opts}")
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    cfg.SOLVER.AMP.FALLBACK_OPTS = []  # merged once: the saved config is the one that ran
+    cfg.merge_from_list(opts)
+    if frozen:
+        cfg.freeze()
+    logger.info("No mixed precision on this machine (%s): the config's float32 recipe "
+                "applies, SOLVER.AMP.FALLBACK_OPTS %s", describe(),
+                " ".join(f"{k}={v}" for k, v in zip(opts[::2], opts[1::2])))
+    return True
+
+
 def train(cfg: Any, *, resume: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:
     """Train the model ``cfg`` describes, evaluating periodically and at the end.
     Returns the trained model and the final evaluation results ({} off the main process)."""
     from detection.config import save_config
     from detection.data.build import build_train_loader
 
+    apply_amp_fallback(cfg)
     family = get_family(cfg)
     output_dir = Path(cfg.OUTPUT_DIR)
     if cfg.CUSTOM_IMPORTS:  # imported when the config was read; named in the log

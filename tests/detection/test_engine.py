@@ -190,6 +190,34 @@ def test_amp_on_cpu_trains_in_bf16_autocast_with_float32_weights(tiny_data, tmp_
     assert v16["total_loss"] != v32["total_loss"]
 
 
+def test_amp_fallback_recipe_applies_only_where_autocast_cannot_run(caplog):
+    """SOLVER.AMP.FALLBACK_OPTS replace the config's values on a CPU without native bf16
+    (logged; merged once), and leave them alone on an AMX CPU or with AMP off."""
+    from detection.engine.train_net import apply_amp_fallback
+
+    data = Path(__file__).resolve().parents[1] / "backbones" / "data"
+    avx2 = parse_cpuinfo((data / "cpuinfo_amd_epyc_zen3_avx2.txt").read_text())
+    amx = parse_cpuinfo((data / "cpuinfo_intel_xeon_sapphire_rapids_amx.txt").read_text())
+    opts = ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.FALLBACK_OPTS",
+            "['SOLVER.MAX_ITER', '300', 'INPUT.MIN_SIZE_TRAIN', '(144, 160)']"]
+    with simulate_cpu(amx):
+        cfg = load_config("faster_rcnn_r18_fpn_shapes.yaml", opts)
+        assert not apply_amp_fallback(cfg) and cfg.SOLVER.MAX_ITER == 500
+    cfg = load_config("faster_rcnn_r18_fpn_shapes.yaml", opts[2:] + ["SOLVER.AMP.ENABLED", "False"])
+    with simulate_cpu(avx2):
+        assert not apply_amp_fallback(cfg) and cfg.SOLVER.MAX_ITER == 500
+        cfg = load_config("faster_rcnn_r18_fpn_shapes.yaml", opts)
+        with caplog.at_level("INFO", logger="detection.train"):
+            assert apply_amp_fallback(cfg)
+        assert cfg.SOLVER.MAX_ITER == 300 and tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (144, 160)
+        assert list(cfg.SOLVER.AMP.FALLBACK_OPTS) == [] and not apply_amp_fallback(cfg)
+        assert "SOLVER.MAX_ITER=300" in caplog.text and "AMD EPYC" in caplog.text
+        bad = load_config("faster_rcnn_r18_fpn_shapes.yaml",
+                          opts[:3] + ["['SOLVER.MAX_ITER']"])
+        with pytest.raises(ValueError, match="KEY VALUE pairs"):
+            apply_amp_fallback(bad)
+
+
 @pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
 def test_fused_optimizer_takes_the_same_steps(optimizer):
     """SOLVER.FUSED_OPTIMIZER: torch's fused kernel, with the norm layers' own weight decay
