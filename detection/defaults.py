@@ -314,6 +314,11 @@ def _model() -> CfgNode:
     _M.ROI_KEYPOINT_HEAD.NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS = True
     # training images (of DATASETS.TRAIN) with fewer visible keypoints are skipped
     _M.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE = 1
+    # Pixels added to the x, y of the target keypoints (in the model's input pixels) and
+    # subtracted from the predicted ones, so that both are in COCO's convention (pixel
+    # indices) while the model works in its weights' own: 0.0 for torchvision's (raw COCO
+    # coordinates), 0.5 for detectron2's (index + 0.5, continuous coordinates)
+    _M.ROI_KEYPOINT_HEAD.COORDINATE_OFFSET = 0.0
     return _M
 
 

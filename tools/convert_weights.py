@@ -3,8 +3,9 @@
     python tools/convert_weights.py --config configs/detectron2/faster_rcnn_R_50_FPN_3x.yaml \
         --weights model_final_280758.pkl --output r50_fpn_3x.pth
 
-The config's family (``MODEL.META_ARCHITECTURE``: Faster and Mask R-CNN, RetinaNet, FCOS,
-Panoptic FPN, semantic segmentation) builds the model and reads the checkpoint, every key used.
+The config's family (``MODEL.META_ARCHITECTURE``: Faster, Mask and Keypoint R-CNN, RetinaNet,
+FCOS, Panoptic FPN, semantic segmentation) builds the model and reads the checkpoint, every key
+used.
 
 The output is ``{"model": state_dict, "config": <YAML>, "metadata": {...}}``, written
 atomically; ``detection.modeling.predictor.load_model(config, output)`` reads it.

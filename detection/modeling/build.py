@@ -320,6 +320,7 @@ def build_keypoint_head(cfg: CfgNode, shapes: Dict[str, ShapeSpec]) -> KeypointR
         conv_dims=list(k.CONV_DIMS), loss_weight=k.LOSS_WEIGHT,
         normalize_by_visible=k.NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS,
         loss_normalizer=h.BATCH_SIZE_PER_IMAGE * h.POSITIVE_FRACTION * k.NUM_KEYPOINTS,
+        coordinate_offset=k.COORDINATE_OFFSET,
     )
 
 

@@ -5,6 +5,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
+from .keypoint_head import shift_keypoints
 from .metadata import Metadata
 from .preprocess import Preprocessor, as_model_input, detector_inputs, in_input_pixels
 from .roi_heads import StandardROIHeads
@@ -52,6 +53,10 @@ class GeneralizedRCNN(nn.Module):
     def forward(
         self, images: Sequence[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
     ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:
+        # keypoints: COCO's pixel indices outside, the weights' convention inside
+        offset = getattr(getattr(self.roi_heads, "keypoint_head", None), "coordinate_offset", 0.0)
+        if offset and targets is not None:
+            targets = [shift_keypoints(t, offset) for t in targets]
         batch, sizes, targets = detector_inputs(self, images, targets)
         features = self.backbone(batch)
         gt_boxes = [t["boxes"] for t in targets] if targets is not None else None
@@ -59,7 +64,8 @@ class GeneralizedRCNN(nn.Module):
         detections, roi_losses = self.roi_heads(features, proposals, sizes, targets)
         if self.training:
             return {**rpn_losses, **roi_losses}
-        return in_input_pixels(detections, sizes, images)
+        results = in_input_pixels(detections, sizes, images)
+        return [shift_keypoints(r, -offset) for r in results] if offset else results
 
     def proposals(self, images: Sequence[Tensor]) -> List[Tensor]:
         """RPN proposals per image ``(R_i, 4)`` in the resized image's coordinates (the

@@ -15,8 +15,20 @@ Merging, per image, the detections of every augmentation:
 
 Masks, detectron2's way: the mask head runs on the merged boxes in every augmentation's
 features; the probabilities, flipped back, are averaged and pasted once (the model's ``paste``).
+
+Keypoints (which detectron2's TTA does not support) the same way: the keypoint head runs on the
+merged boxes in every augmentation's features; a flipped run's heatmap logits are mirrored back
+and their left/right channels exchanged (the keypoints' flip permutation); the logits are
+averaged and decoded once, as the model decodes them, at the scale of the augmentation with the
+largest resized image (the finest grid). Heatmaps, not decoded keypoints, are averaged: each
+run's maps cover the same box, so they align cell for cell, and the mean keeps the location that
+most runs agree on, where a mean of per-run maxima can fall between two candidates (a left and a
+right knee) on neither; logits rather than probabilities, so that ``keypoints_scores`` stay on
+the plain model's scale and one augmentation reproduces the plain model.
+
 The wrapper reads outputs by their keys and the parts every detector has (``preprocessor``;
-``roi_heads.mask_head``), so a family with the same output convention needs no code here.
+``roi_heads.mask_head``, ``roi_heads.keypoint_head``), so a family with the same output
+convention needs no code here.
 """
 
 from __future__ import annotations
@@ -30,8 +42,15 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
+from detection.data.keypoints import (
+    COCO_PERSON_KEYPOINT_NAMES,
+    flip_indices,
+    flip_map_from_names,
+)
+
 from .box_ops import batched_nms
-from .preprocess import as_model_input, rescale_boxes
+from .keypoint_head import decode_heatmaps, shift_keypoints
+from .preprocess import as_model_input, rescale_boxes, rescale_keypoints
 from .structures import Detections
 
 __all__ = ["MERGE_MODES", "Augmentation", "DetectorWithTTA", "build_tta_model"]
@@ -41,6 +60,7 @@ logger = logging.getLogger(__name__)
 MERGE_MODES = ("nms", "vote")
 _BOX_KEYS = ("boxes", "scores", "labels")
 _MASK_KEYS = ("masks", "binary_masks")
+_KEYPOINT_KEYS = ("keypoints", "keypoints_scores")
 
 
 @dataclass(frozen=True)
@@ -85,7 +105,8 @@ class DetectorWithTTA(nn.Module):
     Same call convention as the detectors in eval mode: ``tta(images)``, a list of RGB
     ``(3, H_i, W_i)`` 0-255 tensors -> per image ``boxes`` ``(N, 4)`` xyxy in input pixels,
     ``scores``, ``labels`` (and ``masks`` ``(N, 1, H_i, W_i)``, ``binary_masks``
-    ``(N, H_i, W_i)`` for Mask R-CNN), with ``N <= detections_per_image``.
+    ``(N, H_i, W_i)`` for Mask R-CNN; ``keypoints`` ``(N, K, 3)`` in input pixels and
+    ``keypoints_scores`` ``(N, K)`` for Keypoint R-CNN), with ``N <= detections_per_image``.
 
     Args:
         model: a detector of any family that resizes its input with ``model.preprocessor``.
@@ -95,12 +116,17 @@ class DetectorWithTTA(nn.Module):
         nms_thresh, detections_per_image: of the merge; default: the model's test settings.
         merge: "nms" or "vote" (module doc); default "nms" for models with ``roi_heads``,
             "vote" for the others.
+        keypoint_flip_indices: for a keypoint model with ``flip``: index i of a flipped run
+            takes keypoint ``keypoint_flip_indices[i]`` (``detection.data.keypoints.
+            flip_indices``; a zoo entry's ``keypoints.flip_indices``); default: COCO's person
+            pairs for 17 keypoints, else required.
     """
 
     def __init__(self, model: nn.Module, *, min_sizes: Sequence[int], max_size: int,
                  flip: bool = True, nms_thresh: Optional[float] = None,
                  detections_per_image: Optional[int] = None,
-                 merge: Optional[str] = None) -> None:
+                 merge: Optional[str] = None,
+                 keypoint_flip_indices: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         if isinstance(model, DetectorWithTTA):
             raise TypeError("the model is already wrapped in DetectorWithTTA")
@@ -124,6 +150,27 @@ class DetectorWithTTA(nn.Module):
         self.detections_per_image = int(detections_per_image if detections_per_image is not None
                                         else _find_setting(model, "detections_per_image"))
         self.merge = merge
+        self.keypoint_flip_indices = self._flip_indices(keypoint_flip_indices)
+
+    def _flip_indices(self, given: Optional[Sequence[int]]) -> Optional[List[int]]:
+        """The keypoint permutation of a flipped run (None without a flipped run or keypoint
+        head); checked to permute the head's K keypoints."""
+        head = getattr(getattr(self.model, "roi_heads", None), "keypoint_head", None)
+        if head is None or not any(a.flip for a in self.augmentations):
+            return None
+        k = int(head.num_keypoints)
+        if given is None:
+            if k != len(COCO_PERSON_KEYPOINT_NAMES):
+                raise ValueError(f"flip test-time augmentation of a model with {k} keypoints "
+                                 "needs keypoint_flip_indices (which keypoint a horizontal "
+                                 "flip turns each into)")
+            given = flip_indices(COCO_PERSON_KEYPOINT_NAMES,
+                                 flip_map_from_names(COCO_PERSON_KEYPOINT_NAMES))
+        perm = [int(i) for i in given]
+        if sorted(perm) != list(range(k)):
+            raise ValueError(f"keypoint_flip_indices {perm} is not a permutation of the "
+                             f"model's {k} keypoints")
+        return perm
 
     # ---------------------------------------------------------------- the model's interface
 
@@ -163,14 +210,16 @@ class DetectorWithTTA(nn.Module):
                    for i, img in enumerate(images)]
         if "masks" in keys:
             self._add_masks(images, results, "binary_masks" in keys)
+        if "keypoints" in keys:
+            self._add_keypoints(images, results)
         return results
 
     @torch.no_grad()
     def detect(self, images: Sequence[Tensor], aug: Augmentation,
                keys: Optional[Set[str]] = None) -> List[Dict[str, Tensor]]:
         """The model's ``boxes`` (in input pixels, flipped back), ``scores`` and ``labels``
-        of ``images`` under one augmentation, before merging; masks are left out (they are
-        computed for the merged boxes). Adds the output's keys to ``keys``."""
+        of ``images`` under one augmentation, before merging; masks and keypoints are left
+        out (they are computed for the merged boxes). Adds the output's keys to ``keys``."""
         keys = set() if keys is None else keys
         inputs = [img.flip(-1) for img in images] if aug.flip else list(images)
         with _test_sizes(self.model.preprocessor, aug.min_size, aug.max_size):
@@ -178,7 +227,7 @@ class DetectorWithTTA(nn.Module):
         runs = []
         for out, img in zip(outputs, images):
             keys.update(out)
-            unknown = set(out) - set(_BOX_KEYS) - set(_MASK_KEYS)
+            unknown = set(out) - set(_BOX_KEYS) - set(_MASK_KEYS) - set(_KEYPOINT_KEYS)
             if unknown:
                 raise ValueError(f"DetectorWithTTA cannot merge the output keys {sorted(unknown)}"
                                  f" of {type(self.model).__name__}")
@@ -236,10 +285,11 @@ class DetectorWithTTA(nn.Module):
             if binary:
                 res["binary_masks"] = pasted["binary_masks"]
 
-    def _mask_probs(self, images: Sequence[Tensor], results: List[Dict[str, Tensor]],
-                    aug: Augmentation, mask_head: nn.Module) -> List[Tensor]:
-        """Per image, ``(N_i, 1, M, M)`` mask probabilities of the merged boxes in ``aug``'s
-        features, flipped back to the input's orientation."""
+    def _merged_in_aug(self, images: Sequence[Tensor], results: List[Dict[str, Tensor]],
+                       aug: Augmentation) -> Tuple[Dict[str, Tensor], List[Detections],
+                                                   List[Tuple[int, int]]]:
+        """``aug``'s features of ``images``, the merged detections in its resized (and, when
+        it flips, mirrored) images, and the resized ``(h, w)`` of each image."""
         model = self.model
         inputs = [img.flip(-1) for img in images] if aug.flip else list(images)
         with _test_sizes(model.preprocessor, aug.min_size, aug.max_size):
@@ -251,8 +301,54 @@ class DetectorWithTTA(nn.Module):
             boxes = hflip_boxes(res["boxes"], w) if aug.flip else res["boxes"]
             boxes = rescale_boxes(boxes.float(), (h, w), size, clip=False)  # resized pixels
             dets.append(Detections(boxes=boxes, scores=res["scores"], labels=res["labels"]))
+        return features, dets, [(int(a), int(b)) for a, b in sizes]
+
+    def _mask_probs(self, images: Sequence[Tensor], results: List[Dict[str, Tensor]],
+                    aug: Augmentation, mask_head: nn.Module) -> List[Tensor]:
+        """Per image, ``(N_i, 1, M, M)`` mask probabilities of the merged boxes in ``aug``'s
+        features, flipped back to the input's orientation."""
+        features, dets, _ = self._merged_in_aug(images, results, aug)
         dets = mask_head.predict(features, dets)
         return [d.masks.float().flip(-1) if aug.flip else d.masks.float() for d in dets]
+
+    def _add_keypoints(self, images: Sequence[Tensor], results: List[Dict[str, Tensor]]) -> None:
+        """``keypoints`` (in input pixels, COCO's convention) and ``keypoints_scores`` of the
+        merged boxes: the heatmap logits averaged over the augmentations (module doc)."""
+        head = getattr(getattr(self.model, "roi_heads", None), "keypoint_head", None)
+        if head is None:
+            raise TypeError(f"{type(self.model).__name__} returns keypoints but has no "
+                            "roi_heads.keypoint_head for DetectorWithTTA to merge them")
+        k = int(head.num_keypoints)
+        total: List[Optional[Tensor]] = [None] * len(images)
+        # per image: (resized area, resized size, the boxes there) of its finest unflipped run
+        finest: List[Tuple[int, Tuple[int, int], Optional[Tensor]]] = \
+            [(-1, (0, 0), None)] * len(images)
+        if any(r["boxes"].shape[0] for r in results):
+            for aug in self.augmentations:
+                features, dets, sizes = self._merged_in_aug(images, results, aug)
+                maps = head(head.pooler([features[f] for f in head.in_features],
+                                        [d.boxes for d in dets])).float()  # [sum N_i, K, M, M]
+                per_image = maps.split([d.boxes.shape[0] for d in dets])
+                for i, (m, d, size) in enumerate(zip(per_image, dets, sizes)):
+                    if aug.flip:
+                        m = m.flip(-1)[:, self.keypoint_flip_indices]
+                    total[i] = m if total[i] is None else total[i] + m
+                    if not aug.flip and size[0] * size[1] > finest[i][0]:
+                        finest[i] = (size[0] * size[1], size, d.boxes)
+        for i, (res, img) in enumerate(zip(results, images)):
+            n = res["boxes"].shape[0]
+            if n == 0 or total[i] is None:
+                res["keypoints"] = res["boxes"].new_zeros((n, k, 3))
+                res["keypoints_scores"] = res["boxes"].new_zeros((n, k))
+                continue
+            _, size, boxes = finest[i]
+            if boxes is None:  # flipped runs only: decode in the input's pixels
+                size, boxes = tuple(img.shape[-2:]), res["boxes"].float()
+            keypoints, scores = decode_heatmaps(total[i] / len(self.augmentations), boxes)
+            keypoints = rescale_keypoints(keypoints, size, tuple(img.shape[-2:]))
+            out = shift_keypoints({"keypoints": keypoints}, -head.coordinate_offset)
+            res["keypoints"] = out["keypoints"].to(res["boxes"].dtype)
+            res["keypoints_scores"] = scores.to(res["boxes"].dtype)
 
 
 def tta_settings(cfg: Any) -> Tuple[bool, Tuple[int, ...], int, bool]:
@@ -269,7 +365,13 @@ def build_tta_model(cfg: Any, model: nn.Module, enabled: Optional[bool] = None) 
     on, min_sizes, max_size, flip = tta_settings(cfg)
     if not (on if enabled is None else enabled):
         return model
-    tta = DetectorWithTTA(model, min_sizes=min_sizes, max_size=max_size, flip=flip)
+    flip_indices = None
+    if flip and getattr(getattr(model, "roi_heads", None), "keypoint_head", None) is not None:
+        from detection.data.mapper import keypoint_flip_indices_of
+
+        flip_indices = keypoint_flip_indices_of(cfg, cfg.DATASETS.TEST)  # the test set's pairs
+    tta = DetectorWithTTA(model, min_sizes=min_sizes, max_size=max_size, flip=flip,
+                          keypoint_flip_indices=flip_indices)
     logger.info("Test-time augmentation on (TEST.AUG): shortest edges %s, longest at most %d, "
                 "horizontal flip %s: %d runs per image, merged by %s (NMS %.2f, at most %d "
                 "per image)", list(min_sizes), max_size, "on" if flip else "off",

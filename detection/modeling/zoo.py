@@ -1,12 +1,41 @@
 """Published detector checkpoints by name: where to get them, which config reproduces them, and
-the box AP their authors report on COCO val2017."""
+the box AP their authors report on COCO val2017 (and mask or keypoint AP); for keypoint
+detectors, the keypoints' names, left/right pairs and skeleton."""
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
+
+from detection.data.keypoints import (
+    COCO_PERSON_KEYPOINT_NAMES,
+    COCO_PERSON_SKELETON,
+    flip_indices,
+    flip_map_from_names,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 _D2 = "https://dl.fbaipublicfiles.com/detectron2/COCO-Detection"
+
+
+@dataclass(frozen=True)
+class KeypointMetadata:
+    """What a keypoint detector's K outputs mean: ``names[i]`` names keypoint i, ``flip_map``
+    holds the (left, right) name pairs that a horizontal flip exchanges, ``skeleton`` the
+    limbs as 0-based keypoint pairs (for drawing)."""
+
+    names: Tuple[str, ...]
+    flip_map: Tuple[Tuple[str, str], ...]
+    skeleton: Tuple[Tuple[int, int], ...]
+
+    @property
+    def flip_indices(self) -> List[int]:
+        """The permutation a horizontal flip applies (``detection.data.keypoints``)."""
+        return flip_indices(self.names, self.flip_map)
+
+
+COCO_PERSON_KEYPOINTS = KeypointMetadata(
+    tuple(COCO_PERSON_KEYPOINT_NAMES), tuple(flip_map_from_names(COCO_PERSON_KEYPOINT_NAMES)),
+    tuple(COCO_PERSON_SKELETON))
 
 
 @dataclass(frozen=True)
@@ -21,6 +50,8 @@ class DetectorWeights:
     box_ap: float
     sha256_prefix: Optional[str] = None  # torchvision files carry 8 hex digits of it
     mask_ap: Optional[float] = None  # Mask R-CNN (built when the config sets MODEL.MASK_ON)
+    keypoint_ap: Optional[float] = None  # Keypoint R-CNN (MODEL.KEYPOINT_ON): OKS AP
+    keypoints: Optional[KeypointMetadata] = None  # Keypoint R-CNN: its keypoints
 
     @property
     def config_path(self) -> Path:
@@ -73,6 +104,21 @@ for _name, _path, _ap, _mask_ap in (
     _register(DetectorWeights(
         f"detectron2/{_name}", f"https://dl.fbaipublicfiles.com/detectron2/Misc/{_name}/{_path}",
         "detectron2", f"detectron2/{_name}.yaml", _ap, mask_ap=_mask_ap))
+
+_register(DetectorWeights(
+    "torchvision/keypointrcnn_resnet50_fpn.coco_v1",
+    "https://download.pytorch.org/models/keypointrcnn_resnet50_fpn_coco-fc266e95.pth",
+    "torchvision", "torchvision/keypointrcnn_resnet50_fpn.yaml", 54.6, "fc266e95",
+    keypoint_ap=65.0, keypoints=COCO_PERSON_KEYPOINTS))
+for _name, _path, _ap, _kp_ap in (
+    ("keypoint_rcnn_R_50_FPN_1x", "137261548/model_final_04e291.pkl", 53.6, 64.0),
+    ("keypoint_rcnn_R_50_FPN_3x", "137849621/model_final_a6e10b.pkl", 55.4, 65.5),
+):
+    _register(DetectorWeights(
+        f"detectron2/{_name}",
+        f"https://dl.fbaipublicfiles.com/detectron2/COCO-Keypoints/{_name}/{_path}",
+        "detectron2", f"detectron2/{_name}.yaml", _ap, keypoint_ap=_kp_ap,
+        keypoints=COCO_PERSON_KEYPOINTS))
 
 _register(DetectorWeights(
     "torchvision/retinanet_resnet50_fpn.coco_v1",

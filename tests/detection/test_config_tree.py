@@ -1,5 +1,6 @@
 """One defaults tree per package: ``detection`` alone (``segmentation`` never imported) loads,
-builds and runs every detection config in configs/; a segmentation config loaded with
+builds and runs every detection config in configs/ (boxes; Keypoint R-CNN configs, those with
+``MODEL.KEYPOINT_ON``, keypoints too); a segmentation config loaded with
 detection's tree is an error that says to use segmentation's config. Renamed keys name the key
 that acts; configs naming registered backbone weights normalize as those weights expect."""
 
@@ -15,7 +16,8 @@ from detection.defaults import KEYS_DECLARED_ABOVE, RENAMED_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
-DETECTION_NAMES = ("faster_rcnn", "fasterrcnn", "Base-RCNN", "retinanet", "RetinaNet", "fcos")
+DETECTION_NAMES = ("faster_rcnn", "fasterrcnn", "Base-RCNN", "retinanet", "RetinaNet", "fcos",
+                   "keypoint_rcnn", "keypointrcnn")
 SEGMENTATION_NAMES = ("mask_rcnn", "maskrcnn", "semantic", "deeplab", "fcn", "panoptic")
 
 # Runs in a fresh interpreter, so that nothing has imported segmentation.
@@ -33,7 +35,8 @@ for path in sorted(configs.rglob("*.yaml")):
     name = str(path.relative_to(configs))
     try:
         cfg = load_config(path, ["MODEL.WEIGHTS", "", "MODEL.BACKBONE.WEIGHTS", "",
-                                 "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"])
+                                 "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96",
+                                 "MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE", "10"])
     except ConfigKeyError as e:
         report[name] = {"error": str(e)}
         continue
@@ -43,7 +46,12 @@ for path in sorted(configs.rglob("*.yaml")):
         out = model([torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8)])[0]
     k = model.num_classes
     report[name] = {"model": type(model).__name__, "outputs": sorted(out),
-                    "boxes": list(out["boxes"].shape), "labels_ok": bool((out["labels"] < k).all())}
+                    "boxes": list(out["boxes"].shape), "labels_ok": bool((out["labels"] < k).all()),
+                    "num_keypoints": cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS
+                    if cfg.MODEL.KEYPOINT_ON else 0}
+    if "keypoints" in out:
+        report[name]["keypoints"] = list(out["keypoints"].shape)
+        report[name]["keypoints_scores"] = list(out["keypoints_scores"].shape)
 from detection.config import get_cfg
 from detection.families import get_family
 cfg = get_cfg()
@@ -81,15 +89,26 @@ def test_detection_alone_builds_every_detection_config_and_refuses_segmentation_
             "torchvision/fasterrcnn_resnet50_fpn.yaml",
             "detectron2/faster_rcnn_R_50_C4_1x.yaml", "retinanet_r50_fpn.yaml",
             "torchvision/retinanet_resnet50_fpn_v2.yaml",
-            "detectron2/retinanet_R_50_FPN_1x.yaml"} <= set(detection)
+            "detectron2/retinanet_R_50_FPN_1x.yaml", "keypoint_rcnn_r50_fpn.yaml",
+            "torchvision/keypointrcnn_resnet50_fpn.yaml",
+            "detectron2/keypoint_rcnn_R_50_FPN_1x.yaml"} <= set(detection)
     for name in detection:
         r = report[name]
         assert "error" not in r, (name, r)
         family = "RetinaNet" if "etina" in name else "FCOS" if "fcos" in name else \
             "GeneralizedRCNN"
         assert r["model"] == family, name
-        assert r["outputs"] == ["boxes", "labels", "scores"] and r["boxes"][1] == 4, (name, r)
-        assert r["labels_ok"], name
+        assert r["boxes"][1] == 4 and r["labels_ok"], (name, r)
+        k = r["num_keypoints"]  # boxes only, or boxes and K keypoints each (KEYPOINT_ON)
+        if k == 0:
+            assert r["outputs"] == ["boxes", "labels", "scores"], (name, r)
+        else:
+            assert r["model"] == "GeneralizedRCNN", name
+            assert r["outputs"] == ["boxes", "keypoints", "keypoints_scores", "labels",
+                                    "scores"], (name, r)
+            assert r["keypoints"] == [r["boxes"][0], k, 3], (name, r)
+            assert r["keypoints_scores"] == [r["boxes"][0], k], (name, r)
+    assert any(report[n]["num_keypoints"] == 17 for n in detection)
     assert len(segmentation) >= 5
     for name in segmentation:
         msg = report[name].get("error", "")

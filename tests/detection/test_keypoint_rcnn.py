@@ -476,3 +476,156 @@ def test_demo_draws_keypoints_and_the_skeleton():
     args = demo["_keypoints"](det, [0])
     assert args["skeleton"] == COCO_PERSON_SKELETON and args["keypoints"].shape == (1, 17, 3)
     assert demo["_keypoints"]({"boxes": torch.zeros(0, 4)}, []) == {}
+
+
+# ----------------------------------------------------------------- coordinate convention
+
+
+def test_coordinate_offset_shifts_targets_and_outputs_in_input_pixels():
+    """Offset 0.5 (detectron2's weights) on the same weights as offset 0: outputs 0.5 input
+    pixels lower although the model resizes 80x120 to 64x96, and the loss on targets T is the
+    offset-0 model's loss on T + 0.5."""
+    torch.manual_seed(0)
+    plain = build_model(_tiny_cfg())
+    shifted = build_model(_tiny_cfg("MODEL.ROI_KEYPOINT_HEAD.COORDINATE_OFFSET", "0.5"))
+    shifted.load_state_dict(plain.state_dict())
+    assert plain.roi_heads.keypoint_head.coordinate_offset == 0.0
+    assert shifted.roi_heads.keypoint_head.coordinate_offset == 0.5
+    gen = torch.Generator().manual_seed(4)
+    images = [torch.randint(0, 256, (3, 80, 120), dtype=torch.uint8, generator=gen)]
+
+    for m in (plain, shifted):
+        m.eval().roi_heads.score_thresh = 0.0
+    with torch.no_grad():
+        a, b = plain(images)[0], shifted(images)[0]
+    assert a["boxes"].shape[0] > 0
+    assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+    torch.testing.assert_close(b["keypoints"][..., :2], a["keypoints"][..., :2] - 0.5,
+                               atol=1e-5, rtol=0)
+    assert torch.equal(b["keypoints"][..., 2], a["keypoints"][..., 2])
+    assert torch.equal(b["keypoints_scores"], a["keypoints_scores"])
+
+    kp = torch.tensor([[[20.2, 30.0, 2.0], [40.0, 50.7, 1.0], [0.0, 0.0, 0.0],
+                        [35.4, 25.1, 2.0], [55.0, 58.3, 2.0]],
+                       [[70.0, 12.0, 2.0], [82.3, 30.5, 2.0], [90.0, 40.0, 1.0],
+                        [75.5, 35.2, 2.0], [99.0, 20.6, 2.0]]])
+    boxes = torch.tensor([[10.0, 20.0, 60.0, 70.0], [65.0, 5.0, 110.0, 50.0]])
+
+    def loss(model, keypoints):
+        torch.manual_seed(1)  # the same sampled RoIs for both models
+        target = {"boxes": boxes, "labels": torch.tensor([0, 0]), "keypoints": keypoints}
+        return model.train()(images, [target])["loss_keypoint"].detach()
+
+    half = torch.tensor([0.5, 0.5, 0.0])
+    torch.testing.assert_close(loss(shifted, kp), loss(plain, kp + half), atol=0, rtol=0)
+    assert loss(shifted, kp) != loss(plain, kp)  # the offset moves target cells
+
+
+# ----------------------------------------------------------------- configs and zoo
+
+
+def _zoo_weights(name: str, path: Path) -> None:
+    """Random weights for zoo entry ``name``, in its format (torchvision's names; ours for
+    detectron2's configs), whose box classifier scores every proposal 0.95 (detections)."""
+    from detection.modeling.zoo import get_detector_weights
+
+    torch.manual_seed(0)
+    if get_detector_weights(name).source == "torchvision":
+        sd = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+        sd["roi_heads.box_predictor.cls_score.weight"].zero_()
+        sd["roi_heads.box_predictor.cls_score.bias"].copy_(torch.tensor([0.0, 3.0]))  # bg, person
+        torch.save(sd, path)
+        return
+    cfg = load_config(get_detector_weights(name).config_path,
+                      ["MODEL.WEIGHTS", "", "MODEL.BACKBONE.WEIGHTS", ""])
+    sd = build_model(cfg).state_dict()
+    sd["roi_heads.box_predictor.cls_score.weight"].zero_()
+    sd["roi_heads.box_predictor.cls_score.bias"].copy_(torch.tensor([3.0, 0.0]))  # person, bg
+    torch.save({"model": sd}, path)
+
+
+KEYPOINT_ZOO = {  # name: (config, box AP, keypoint AP, offset)
+    "torchvision/keypointrcnn_resnet50_fpn.coco_v1": (
+        "torchvision/keypointrcnn_resnet50_fpn.yaml", 54.6, 65.0, 0.0),
+    "detectron2/keypoint_rcnn_R_50_FPN_1x": ("detectron2/keypoint_rcnn_R_50_FPN_1x.yaml",
+                                             53.6, 64.0, 0.5),
+    "detectron2/keypoint_rcnn_R_50_FPN_3x": ("detectron2/keypoint_rcnn_R_50_FPN_3x.yaml",
+                                             55.4, 65.5, 0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(KEYPOINT_ZOO))
+def test_keypoint_zoo_entries_load_and_predict_keypoints(name, tmp_path):
+    from detection.data.catalog import DatasetCatalog
+    from detection.data.keypoints import COCO_PERSON_KEYPOINT_NAMES, COCO_PERSON_SKELETON
+    from detection.modeling.predictor import load_model, predict
+    from detection.modeling.zoo import get_detector_weights
+
+    config, box_ap, kp_ap, offset = KEYPOINT_ZOO[name]
+    entry = get_detector_weights(name)
+    assert (entry.config, entry.box_ap, entry.keypoint_ap) == (config, box_ap, kp_ap)
+    assert entry.keypoints.names == COCO_PERSON_KEYPOINT_NAMES
+    assert entry.keypoints.skeleton == COCO_PERSON_SKELETON
+    assert len(entry.keypoints.flip_map) == 8 and ("left_eye", "right_eye") in \
+        entry.keypoints.flip_map
+    assert entry.keypoints.flip_indices[:5] == [0, 2, 1, 4, 3]
+    cfg = load_config(entry.config_path)
+    assert cfg.MODEL.WEIGHTS == name and cfg.MODEL.KEYPOINT_ON
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1 and cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS == 17
+    assert cfg.MODEL.ROI_KEYPOINT_HEAD.COORDINATE_OFFSET == offset
+    assert cfg.DATASETS.TRAIN == ("keypoints_coco_2017_train",)
+    assert set(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST) <= set(DatasetCatalog.list())
+
+    weights = tmp_path / "weights.pth"
+    _zoo_weights(name, weights)
+    small = tmp_path / "small.yaml"  # the zoo config at a CPU-test size, as a YAML path
+    small.write_text(f'_BASE_: "{entry.config_path}"\nINPUT:\n  MIN_SIZE_TEST: 96\n'
+                     "  MAX_SIZE_TEST: 128\nMODEL:\n  RPN:\n    POST_NMS_TOPK_TEST: 50\n"
+                     "  ROI_HEADS:\n    DETECTIONS_PER_IMAGE: 3\n")
+    model = load_model(small, str(weights), optimize=False)
+    assert model.roi_heads.keypoint_head.coordinate_offset == offset
+    image = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    out = predict(model, image)
+    n = out["boxes"].shape[0]
+    assert n == 3
+    assert out["keypoints"].shape == (n, 17, 3) and out["keypoints_scores"].shape == (n, 17)
+    assert out["class_names"] == ["person"] * n and out["category_ids"] == [1] * n
+    assert torch.isfinite(out["keypoints"]).all()
+
+
+def test_convert_and_analyze_tools_take_keypoint_configs(tmp_path, capsys):
+    import runpy
+
+    from detection.modeling.predictor import load_model
+
+    tools = Path(__file__).resolve().parents[2] / "tools"
+    name = "torchvision/keypointrcnn_resnet50_fpn.coco_v1"
+    src, dst = tmp_path / "tv.pth", tmp_path / "ours.pth"
+    _zoo_weights(name, src)
+    convert = runpy.run_path(str(tools / "convert_weights.py"))
+    config = CONFIGS / KEYPOINT_ZOO[name][0]
+    assert convert["main"](["--config", str(config), "--weights", str(src),
+                            "--output", str(dst)]) == 0
+    ckpt = torch.load(dst, weights_only=True)
+    assert ckpt["metadata"]["class_names"] == ["person"]
+    tv = torch.load(src, weights_only=True)
+    assert torch.equal(ckpt["model"]["roi_heads.keypoint_head.score_lowres.weight"],
+                       tv["roi_heads.keypoint_predictor.kps_score_lowres.weight"])
+    model = load_model(config, str(dst), optimize=False)  # our format, back through the config
+    assert torch.equal(model.roi_heads.keypoint_head.convs[0].conv.weight,
+                       tv["roi_heads.keypoint_head.0.weight"])
+    capsys.readouterr()
+
+    analyze = runpy.run_path(str(tools / "analyze_model.py"))
+    assert analyze["main"](["--config", "keypoint_rcnn_r50_fpn.yaml", "--size", "96", "128",
+                            "--opts", "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST",
+                            "128", "MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE", "2"]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines()[2:]:
+        part, params, gflops = line.split()
+        rows[part] = (int(params.replace(",", "")), float(gflops))
+    head = sum(p.numel() for p in model.roi_heads.keypoint_head.parameters())
+    box = sum(p.numel() for n, p in model.roi_heads.named_parameters()
+              if not n.startswith("keypoint_head."))
+    assert rows["roi_heads"][0] == head + box  # the keypoint head is counted in the RoI heads
+    assert rows["total"][0] == sum(p.numel() for p in model.parameters())

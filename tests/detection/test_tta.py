@@ -1,6 +1,7 @@
 """Test-time augmentation (detection/modeling/tta.py): one size without flip is the plain
 model, flips and sizes map back to input pixels, the merge is capped and NMS-clean, Mask
-R-CNN's averaged masks, and ``--eval-only`` / ``load_model`` with ``TEST.AUG``."""
+R-CNN's averaged masks, Keypoint R-CNN's averaged heatmaps (mirrored with left and right
+exchanged), and ``--eval-only`` / ``load_model`` with ``TEST.AUG``."""
 
 import os
 import subprocess
@@ -14,6 +15,7 @@ from torchvision.ops import box_iou
 
 import segmentation  # noqa: F401  (declares the MaskRCNN family)
 from detection.config import load_config as detection_config
+from detection.data.keypoints import COCO_PERSON_KEYPOINT_NAMES, flip_indices, flip_map_from_names
 from detection.data.shapes import ensure_shapes_dataset
 from detection.deploy.loading import load_for_evaluation
 from detection.engine.train_net import train
@@ -45,6 +47,10 @@ MODELS = {
     "fcos": ("fcos_r18_fpn_shapes.yaml", {
         "MODEL.FCOS.NUM_CONVS": 1, "MODEL.FCOS.SCORE_THRESH_TEST": 0.001,
         "MODEL.FPN.OUT_CHANNELS": 64}),
+    "keypoint_rcnn": ("torchvision/keypointrcnn_resnet50_fpn.yaml", {
+        "MODEL.RESNETS.DEPTH": 18, "MODEL.ROI_BOX_HEAD.FC_DIM": 32,
+        "MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS": "(8, 8)", "MODEL.RPN.POST_NMS_TOPK_TEST": 100,
+        "MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE": 20}),
 }
 ONE_STAGE = ("retinanet", "fcos")
 
@@ -251,3 +257,45 @@ def test_eval_only_with_test_aug_reports_ap_and_load_model_wraps(tmp_path):
     assert "| bbox |" in res.stdout
     log = (out / "log.txt").read_text() if (out / "log.txt").is_file() else res.stderr
     assert "Test-time augmentation on" in log and "[48, 80]" in log
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.5])
+def test_keypoint_flip_tta_of_a_mirrored_image_mirrors_and_swaps_left_right(models, offset):
+    """With flip, TTA of an image's mirror is TTA of the image mirrored: the same boxes
+    mirrored and the keypoints mirrored (x -> W - x in continuous coordinates: W - 1 - x in
+    COCO's pixel indices for detectron2's offset 0.5), left and right exchanged."""
+    model = models["keypoint_rcnn"]
+    head = model.roi_heads.keypoint_head
+    head.coordinate_offset = offset
+    try:
+        tta = DetectorWithTTA(model, min_sizes=[48, 80], max_size=MAX, flip=True).eval()
+        image = _image(60, 90, seed=5)
+        a, b = tta([image])[0], tta([image.flip(-1)])[0]
+    finally:
+        head.coordinate_offset = 0.0
+    n = a["boxes"].shape[0]
+    assert n > 0 and a["keypoints"].shape == (n, 17, 3) and a["keypoints_scores"].shape == (n, 17)
+    torch.testing.assert_close(b["boxes"], hflip_boxes(a["boxes"], 90), atol=1e-3, rtol=0)
+    torch.testing.assert_close(b["scores"], a["scores"])
+    perm = flip_indices(COCO_PERSON_KEYPOINT_NAMES,
+                        flip_map_from_names(COCO_PERSON_KEYPOINT_NAMES))
+    assert perm[1:3] == [2, 1]  # left_eye <-> right_eye
+    mirrored = a["keypoints"][:, perm].clone()
+    mirrored[..., 0] = 90 - 2 * offset - mirrored[..., 0]
+    # a box under a pixel wide decodes at a width clamped to 1 from its left edge (as both
+    # peers decode), which a mirror does not preserve: the untrained model makes a few
+    wide = (a["boxes"][:, 2] - a["boxes"][:, 0]) >= 1.0
+    assert wide.sum() >= n // 2
+    torch.testing.assert_close(b["keypoints"][wide], mirrored[wide], atol=1e-3, rtol=0)
+    torch.testing.assert_close(b["keypoints_scores"], a["keypoints_scores"][:, perm],
+                               atol=1e-4, rtol=1e-5)
+
+
+def test_keypoint_flip_indices_must_permute_the_keypoints(models):
+    model = models["keypoint_rcnn"]
+    with pytest.raises(ValueError, match="not a permutation of the model's 17 keypoints"):
+        DetectorWithTTA(model, min_sizes=[SIZE], max_size=MAX, keypoint_flip_indices=[0, 1])
+    unflipped = DetectorWithTTA(model, min_sizes=[SIZE], max_size=MAX, flip=False)
+    assert unflipped.keypoint_flip_indices is None
+    default = DetectorWithTTA(model, min_sizes=[SIZE], max_size=MAX, flip=True)
+    assert default.keypoint_flip_indices[:5] == [0, 2, 1, 4, 3]
