@@ -229,9 +229,18 @@ def attach_instance_metadata(cfg: Any,
 
 
 def _rcnn_evaluator(cfg: Any, dataset_name: str, output_dir: Optional[Path] = None) -> Any:
-    """COCO box AP; with ``MODEL.KEYPOINT_ON``, keypoint (OKS) AP too."""
-    tasks = ("bbox", "keypoints") if cfg.MODEL.get("KEYPOINT_ON", False) else ("bbox",)
-    return coco_evaluator(*tasks)(cfg, dataset_name, output_dir)
+    """COCO box AP; with ``MODEL.KEYPOINT_ON``, keypoint (OKS) AP too, with the dataset's
+    ``keypoint_oks_sigmas`` metadata when it has them."""
+    if not cfg.MODEL.get("KEYPOINT_ON", False):
+        return coco_evaluator("bbox")(cfg, dataset_name, output_dir)
+    from detection.data.catalog import get_metadata
+    from detection.evaluation.coco_evaluation import COCOEvaluator
+
+    # the dataset's per-keypoint OKS sigmas; without, pycocotools' (COCO's 17 person keypoints)
+    meta = get_metadata(dataset_name) if isinstance(dataset_name, str) else dataset_name[1]
+    sigmas = (meta or {}).get("keypoint_oks_sigmas")
+    return COCOEvaluator(dataset_name, tasks=("bbox", "keypoints"), output_dir=output_dir,
+                         engine=cfg.TEST.EVAL_ENGINE, kpt_oks_sigmas=sigmas)
 
 
 FASTER_RCNN = register_family(

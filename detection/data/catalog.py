@@ -3,10 +3,14 @@
 Built-in names:
 
 - ``coco_2017_train``, ``coco_2017_val``, ``coco_2017_test-dev`` (image info only, no
-  annotations) under ``<root>/coco/``, where root is :func:`set_datasets_root`'s value, else
+  annotations), ``keypoints_coco_2017_train``, ``keypoints_coco_2017_val`` (the person
+  keypoints) under ``<root>/coco/``, where root is :func:`set_datasets_root`'s value, else
   ``$DETKIT_DATASETS``, else ``./datasets``; resolved when the dataset is loaded.
 - ``shapes_train``, ``shapes_val``: the synthetic shapes set (:mod:`detection.data.shapes`),
   generated on first use under ``$DETKIT_CACHE`` or ``~/.cache/detkit/shapes``.
+- ``shapes_keypoints_train``, ``shapes_keypoints_val``: quadrilaterals with their corners as
+  keypoints (:mod:`detection.data.shapes_keypoints`), generated on first use in the same cache;
+  their metadata adds ``keypoint_oks_sigmas``.
 
 Any COCO-format json works without code by naming it ``JSON_FILE:IMAGE_DIR`` (for example
 ``DATASETS.TRAIN ("data/train.json:data/images",)``): such a name registers itself on first use.
@@ -166,6 +170,8 @@ def _register_builtins() -> None:
         "coco_2017_train": ("annotations/instances_train2017.json", "train2017"),
         "coco_2017_val": ("annotations/instances_val2017.json", "val2017"),
         "coco_2017_test-dev": ("annotations/image_info_test-dev2017.json", "test2017"),
+        "keypoints_coco_2017_train": ("annotations/person_keypoints_train2017.json", "train2017"),
+        "keypoints_coco_2017_val": ("annotations/person_keypoints_val2017.json", "val2017"),
     }
     for name, (json_rel, img_rel) in coco_splits.items():
         register_coco_instances(
@@ -206,6 +212,20 @@ def _register_builtins() -> None:
             return records
 
         _LOADERS[f"shapes_{split}"] = load_with_sem_seg
+
+    from detection.data import shapes_keypoints
+
+    for split in ("train", "val"):
+
+        def kp_part(attr: str, s: str = split) -> Path:
+            return getattr(shapes_keypoints.ensure_shapes_keypoints_dataset(), f"{s}_{attr}")
+
+        register_coco_instances(
+            f"shapes_keypoints_{split}",
+            lambda p=kp_part: p("json"),
+            lambda p=kp_part: p("images"),
+            metadata={"keypoint_oks_sigmas": list(shapes_keypoints.KEYPOINT_OKS_SIGMAS)},
+        )
 
 
 _register_builtins()

@@ -52,6 +52,7 @@ __all__ = [
     "UnreadableImage",
     "annotation_to_mask",
     "draw_short_edge",
+    "keypoint_flip_indices_of",
     "train_resized_shape",
 ]
 
@@ -149,6 +150,7 @@ class DatasetMapper:
         """Build from ``cfg.INPUT`` (and ``cfg.MODEL.MASK_ON`` when present)."""
         p = cfg.INPUT.PHOTOMETRIC
         model = cfg.get("MODEL", None)
+        keypoint_on = bool(model.get("KEYPOINT_ON", False)) if model is not None else False
         return cls(
             is_train,
             min_size_train=cfg.INPUT.MIN_SIZE_TRAIN,
@@ -165,7 +167,9 @@ class DatasetMapper:
             skip_missing_images=cfg.DATALOADER.SKIP_MISSING_IMAGES,
             # when the model resizes training images itself, the loader must not
             resize=not cfg.INPUT.get("RESIZE_IN_MODEL_TRAIN", False),
-            keypoint_on=bool(model.get("KEYPOINT_ON", False)) if model is not None else False,
+            keypoint_on=keypoint_on,
+            keypoint_flip_indices=keypoint_flip_indices_of(cfg, cfg.DATASETS.TRAIN)
+            if keypoint_on and is_train else None,
         )
 
     def _transforms(self, h: int, w: int, rng: np.random.Generator) -> A.Compose:
@@ -315,6 +319,34 @@ class DatasetMapper:
             except ValueError as e:
                 raise InvalidAnnotationError(str(e)) from e
         return out
+
+
+def keypoint_flip_indices_of(cfg: Any, dataset_names: Sequence[str]) -> list[int] | None:
+    """The flip permutation of the keypoints the datasets name (their ``left_``/``right_``
+    pairs); None (COCO's persons) when none that can be read names keypoints. A ValueError
+    when they disagree or their count is not ``ROI_KEYPOINT_HEAD.NUM_KEYPOINTS``."""
+    from detection.data.catalog import get_metadata
+
+    found = {}
+    for name in dataset_names:
+        try:
+            meta = get_metadata(name)
+        except (OSError, KeyError, ValueError):  # not readable here: loading it will say why
+            continue
+        if meta.get("keypoint_names"):
+            found[name] = (meta["keypoint_names"], meta.get("keypoint_flip_map", []))
+    if not found:
+        return None
+    (first, (names, flip_map)), *others = found.items()
+    for other, (n, _) in others:
+        if list(n) != list(names):
+            raise ValueError(f"Datasets {first!r} and {other!r} name different keypoints: "
+                             f"{list(names)} and {list(n)}")
+    k = cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS
+    if len(names) != k:
+        raise ValueError(f"MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS is {k} but dataset {first!r} "
+                         f"names {len(names)} keypoints; set it to {len(names)}")
+    return flip_indices(names, flip_map)
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,9 @@ def detections_to_coco_results(
             r["counts"] = r["counts"].decode("ascii")
     keypoints = None
     if with_keypoints and output.get("keypoints") is not None:
-        keypoints = _numpy(output["keypoints"]).astype(np.float64).reshape(len(boxes), -1)
+        # (N, K * 3); an image without detections has none (and an unknown K)
+        keypoints = _numpy(output["keypoints"]).astype(np.float64).reshape(len(boxes), -1) \
+            if len(boxes) else None
     xywh = boxes.copy()
     xywh[:, 2:] -= xywh[:, :2]
     results = []
