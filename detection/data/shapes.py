@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -37,6 +38,7 @@ __all__ = [
     "default_shapes_root",
     "ensure_shapes_dataset",
     "generate_split",
+    "generated_once",
 ]
 
 SHAPES_VERSION = 1
@@ -255,26 +257,33 @@ def ensure_shapes_dataset(
     """
     base = Path(root).expanduser() if root is not None else default_shapes_root()
     lo, hi = image_size
-    final = base / f"v{SHAPES_VERSION}_seed{seed}_{num_train}x{num_val}_{lo}-{hi}px"
-    manifest = {
-        "version": SHAPES_VERSION,
-        "seed": seed,
-        "num_train": num_train,
-        "num_val": num_val,
-        "image_size": [lo, hi],
-    }
+    manifest = {"version": SHAPES_VERSION, "seed": seed, "num_train": num_train,
+                "num_val": num_val, "image_size": [lo, hi]}
+
+    def generate(tmp: Path) -> None:
+        generate_split(tmp, "train", num_train, image_size=image_size, seed=seed)
+        generate_split(tmp, "val", num_val, image_size=image_size, seed=seed)
+
+    return _paths(generated_once(base / f"v{SHAPES_VERSION}_seed{seed}_{num_train}x{num_val}"
+                                        f"_{lo}-{hi}px", manifest, generate))
+
+
+def generated_once(final: Path, manifest: dict, generate: Callable[[Path], None]) -> Path:
+    """``final``, generated unless it holds a ``manifest.json`` equal to ``manifest`` (a stale
+    or damaged copy is replaced): ``generate(tmp)`` fills a temporary folder beside it, the
+    manifest is written last, and the folder is renamed into place, so that a crash or a
+    concurrent process never leaves a half-written set under ``final``."""
     if final.is_dir():
         try:
             if json.loads((final / "manifest.json").read_text()) == manifest:
-                return _paths(final)
+                return final
         except (OSError, ValueError):
             pass
         shutil.rmtree(final, ignore_errors=True)  # stale or damaged: regenerate
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".shapes-tmp-", dir=base))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-tmp-", dir=final.parent))
     try:
-        generate_split(tmp, "train", num_train, image_size=image_size, seed=seed)
-        generate_split(tmp, "val", num_val, image_size=image_size, seed=seed)
+        generate(tmp)
         (tmp / "manifest.json").write_text(json.dumps(manifest))
         try:
             os.rename(tmp, final)
@@ -284,4 +293,4 @@ def ensure_shapes_dataset(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return _paths(final)
+    return final

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +34,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_util
 
-from detection.data.shapes import _COLOURS, _background, _shape_mask, default_shapes_root
+from detection.data.shapes import (
+    _COLOURS,
+    _background,
+    _shape_mask,
+    default_shapes_root,
+    generated_once,
+)
 
 __all__ = [
     "KEYPOINT_NAMES",
@@ -206,29 +210,13 @@ def ensure_shapes_keypoints_dataset(
     ``manifest.json`` written last records the version and parameters."""
     base = Path(root).expanduser() if root is not None else default_shapes_root()
     lo, hi = image_size
-    final = base / (f"keypoints_v{SHAPES_KEYPOINTS_VERSION}_seed{seed}_{num_train}x{num_val}"
-                    f"_{lo}-{hi}px")
     manifest = {"version": SHAPES_KEYPOINTS_VERSION, "seed": seed, "num_train": num_train,
                 "num_val": num_val, "image_size": [lo, hi]}
-    if final.is_dir():
-        try:
-            if json.loads((final / "manifest.json").read_text()) == manifest:
-                return _paths(final)
-        except (OSError, ValueError):
-            pass
-        shutil.rmtree(final, ignore_errors=True)  # stale or damaged: regenerate
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".shapes-keypoints-tmp-", dir=base))
-    try:
+
+    def generate(tmp: Path) -> None:
         generate_keypoint_split(tmp, "train", num_train, image_size=image_size, seed=seed)
         generate_keypoint_split(tmp, "val", num_val, image_size=image_size, seed=seed)
-        (tmp / "manifest.json").write_text(json.dumps(manifest))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "manifest.json").is_file():  # not another process's finished copy
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return _paths(final)
+
+    return _paths(generated_once(base / (f"keypoints_v{SHAPES_KEYPOINTS_VERSION}_seed{seed}"
+                                         f"_{num_train}x{num_val}_{lo}-{hi}px"),
+                                 manifest, generate))

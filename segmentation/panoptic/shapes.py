@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from detection.data.shapes import (
     SHAPES_CATEGORY_IDS,
     SHAPES_CLASSES,
     default_shapes_root,
+    generated_once,
     paint_shapes,
 )
 
@@ -178,28 +177,13 @@ def ensure_panoptic_shapes(root: str | os.PathLike | None = None, num_train: int
     unless a complete copy of this version and these parameters is there."""
     base = Path(root).expanduser() if root is not None else default_shapes_root() / "panoptic"
     lo, hi = image_size
-    final = base / f"v{PANOPTIC_SHAPES_VERSION}_seed{seed}_{num_train}x{num_val}_{lo}-{hi}px"
     manifest = {"version": PANOPTIC_SHAPES_VERSION, "seed": seed, "num_train": num_train,
                 "num_val": num_val, "image_size": [lo, hi]}
-    if final.is_dir():
-        try:
-            if json.loads((final / "manifest.json").read_text()) == manifest:
-                return _paths(final)
-        except (OSError, ValueError):
-            pass
-        shutil.rmtree(final, ignore_errors=True)
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".panoptic-shapes-tmp-", dir=base))
-    try:
+
+    def generate(tmp: Path) -> None:
         generate_panoptic_split(tmp, "train", num_train, image_size=image_size, seed=seed)
         generate_panoptic_split(tmp, "val", num_val, image_size=image_size, seed=seed)
-        (tmp / "manifest.json").write_text(json.dumps(manifest))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "manifest.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return _paths(final)
+
+    return _paths(generated_once(base / (f"v{PANOPTIC_SHAPES_VERSION}_seed{seed}"
+                                         f"_{num_train}x{num_val}_{lo}-{hi}px"),
+                                 manifest, generate))
