@@ -14,16 +14,14 @@ torchvision's model too), as the inference tools run.
 """
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import converted, timing_args  # noqa: E402
+from common import converted, median_times, timing_args  # noqa: E402
 from torchvision.models.detection import retinanet_resnet50_fpn  # noqa: E402
 
 from backbones.cpu_memory import retain_freed_memory  # noqa: E402
@@ -31,20 +29,6 @@ from detection.deploy.agreement import compare_detections  # noqa: E402
 from detection.modeling.calibration import calibrate_batchnorm, textured_image  # noqa: E402
 from detection.modeling.retinanet_convert import to_ours  # noqa: E402
 from detection.optimize import optimize_for_inference  # noqa: E402
-
-
-def median_times(fns, runs: int):
-    """Median seconds of each function, timed round-robin (a warm-up each first), so that a
-    change in the machine's load touches every row alike."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 @torch.no_grad()

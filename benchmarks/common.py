@@ -2,9 +2,11 @@
 torchvision reference."""
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -18,17 +20,35 @@ from detection.modeling.convert import load_state_dict  # noqa: E402
 from segmentation.config import load_config  # noqa: E402  (the full defaults tree)
 
 
-def timing_args(parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
-    """``--runs`` (median of, default 5) and ``--threads`` (0: torch's default) added to
-    ``parser``, parsed; the thread count applied."""
+def timing_args(parser: Optional[argparse.ArgumentParser] = None, *, runs: int = 5,
+                threads: int = 0) -> argparse.Namespace:
+    """``--runs`` (median of, default ``runs``) and ``--threads`` (default ``threads``; 0:
+    torch's default) added to ``parser``, parsed; the thread count applied."""
     parser = parser or argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--runs", type=int, default=runs)
+    parser.add_argument("--threads", type=int, default=threads)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(describe(), flush=True)  # the machine heads every table
     return args
+
+
+def median_times(fns: Dict[str, Callable[[], object]], runs: int, *,
+                 warmup: bool = True) -> Dict[str, float]:
+    """Median seconds of each function, timed round-robin (after a warm-up call of each,
+    unless the caller has made it), so that a change in the machine's load touches every row
+    alike."""
+    if warmup:
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def freeze_like_pretrained(ref: torch.nn.Module) -> torch.nn.Module:
