@@ -31,6 +31,7 @@ from typing import Any
 
 from detection.data.errors import DatasetError
 from detection.data.keypoints import check_keypoints, flip_map_from_names
+from detection.data.serialized import gc_paused
 
 __all__ = [
     "MIN_BOX_SIZE",
@@ -78,7 +79,8 @@ def read_coco_json(json_file: str | os.PathLike, *, keep: bool = False) -> dict:
     t0 = time.perf_counter()
     try:
         with open(json_file, encoding="utf-8") as f:
-            data = json.load(f)
+            with gc_paused():
+                data = json.load(f)
     except FileNotFoundError as e:
         raise CocoFormatError(f"COCO json not found: {json_file}") from e
     except json.JSONDecodeError as e:
@@ -166,8 +168,8 @@ def _convert_box(bbox: Any, width: int, height: int) -> tuple[list[float] | None
     if w < MIN_BOX_SIZE or h < MIN_BOX_SIZE:
         return None, "degenerate_box"
     x0, y0, x1, y1 = x, y, x + w, y + h
-    c0, c1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
-    d0, d1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
+    c0, c1 = min(max(x0, 0.0), float(width)), min(max(x1, 0.0), float(width))
+    d0, d1 = min(max(y0, 0.0), float(height)), min(max(y1, 0.0), float(height))
     if c1 - c0 < MIN_BOX_SIZE or d1 - d0 < MIN_BOX_SIZE:
         return None, "outside_image"
     reason = "clipped" if (c0, d0, c1, d1) != (x0, y0, x1, y1) else None
@@ -184,6 +186,13 @@ def load_coco_json(
     """Load a COCO instances (or image-info) json into records and metadata; see module doc."""
     if unknown_category not in ("skip", "error"):
         raise ValueError(f"unknown_category must be 'skip' or 'error', got {unknown_category!r}")
+    with gc_paused():  # millions of new containers: no collections walking them meanwhile
+        return _load_coco_json(json_file, image_root, dataset_name, unknown_category)
+
+
+def _load_coco_json(json_file: str | os.PathLike, image_root: str | os.PathLike,
+                    dataset_name: str | None, unknown_category: str
+                    ) -> tuple[list[dict], dict[str, Any]]:
     json_file = os.path.abspath(os.fspath(json_file))
     image_root = os.path.abspath(os.fspath(image_root))
     data = read_coco_json(json_file)
