@@ -17,7 +17,7 @@ from detection.defaults import KEYS_DECLARED_ABOVE, RENAMED_KEYS
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 DETECTION_NAMES = ("faster_rcnn", "fasterrcnn", "Base-RCNN", "retinanet", "RetinaNet", "fcos",
-                   "keypoint_rcnn", "keypointrcnn")
+                   "keypoint_rcnn", "keypointrcnn", "cascade_rcnn")
 SEGMENTATION_NAMES = ("mask_rcnn", "maskrcnn", "semantic", "deeplab", "fcn", "panoptic")
 
 # Runs in a fresh interpreter, so that nothing has imported segmentation.
