@@ -7,11 +7,12 @@
 Writes a synthetic set (tiny JPEGs of 32x32, 24x32 and 32x24; ~7.3 boxes per image, half with
 a 12-point polygon; COCO's 80 category ids, 1..90 with gaps) unless ``--dir`` already holds
 one of that size. Each measure runs in a fresh process: json parse, record building, the
-records' serialized size, peak RSS while loading and RSS after (records as dicts, then as the
-serialized buffer only); time from ``build_train_loader`` to the first batch with no saved data
-check (cold) and with it (warm; ``DATALOADER.CHECK_DATA fast``, ``$DETKIT_CACHE`` inside the
-set's folder); USS growth of each loader worker over ``--batches`` batches. Image files are in
-the page cache: times are CPU time, not disk time.
+records' serialized size, peak RSS while loading (to the records built, then to the records
+serialized, as ``build_train_loader`` does) and RSS after each; time from
+``build_train_loader`` to the first batch with no saved data check (cold) and with it (warm;
+``DATALOADER.CHECK_DATA fast``, ``$DETKIT_CACHE`` inside the set's folder); USS growth of each
+loader worker over ``--batches`` batches. Image files are in the page cache: times are CPU
+time, not disk time.
 """
 
 import argparse
@@ -122,20 +123,20 @@ def phase_load(root: Path) -> dict:
     t0 = time.perf_counter()
     read_coco_json(json_path, keep=True)  # the parse, kept for the records built next
     t1 = time.perf_counter()
-    records, _ = load_coco_json(json_path, images_dir)
+    records, _ = load_coco_json(json_path, images_dir)  # consumes the kept json
     t2 = time.perf_counter()
     gc.collect()
-    rss_records, peak = _rss(), _peak_rss()
-    t3 = time.perf_counter()
-    buffer = SerializedRecords(records)
-    t4 = time.perf_counter()
+    rss_records, peak_records = _rss(), _peak_rss()
     n, anns = len(records), sum(len(r["annotations"]) for r in records)
+    t3 = time.perf_counter()
+    buffer = SerializedRecords(records, release=True)  # as build_train_loader does
+    t4 = time.perf_counter()
     del records
     gc.collect()
     return {"parse_s": t1 - t0, "records_s": t2 - t1, "serialize_s": t4 - t3,
             "records": n, "annotations": anns, "nbytes": buffer.nbytes, "rss0": rss0,
-            "peak": peak, "rss_records": rss_records, "rss_serialized": _rss(),
-            "json_bytes": json_path.stat().st_size}
+            "peak_records": peak_records, "peak": _peak_rss(), "rss_records": rss_records,
+            "rss_serialized": _rss(), "json_bytes": json_path.stat().st_size}
 
 
 def phase_first_batch(root: Path, workers: int, batches: int) -> dict:
@@ -228,7 +229,8 @@ def main() -> None:
             ("record building", f"{load['records_s']:.1f} s"),
             ("records serialized (SerializedRecords.nbytes)",
              f"{load['nbytes'] / MIB:.0f} MiB in {load['serialize_s']:.1f} s"),
-            ("peak RSS while loading", f"{load['peak'] / MIB:.0f} MiB"),
+            ("peak RSS while loading: to the records built / to the records serialized",
+             f"{load['peak_records'] / MIB:.0f} MiB / {load['peak'] / MIB:.0f} MiB"),
             ("RSS after loading (records as dicts)", f"{load['rss_records'] / MIB:.0f} MiB"),
             ("RSS after, records serialized, dicts freed",
              f"{load['rss_serialized'] / MIB:.0f} MiB"),

@@ -227,6 +227,7 @@ def build_train_loader(
     augmentation (see :mod:`detection.data.samplers` and :class:`MapDataset`).
     """
     use_datasets_root(cfg)
+    owned = records is None  # a list built here: its dicts are freed as they are serialized
     if records is None:
         names = list(cfg.DATASETS.TRAIN)
         records = checked_records(cfg, get_dataset_records(names, filter_empty=False), names)
@@ -253,17 +254,18 @@ def build_train_loader(
     groups = [0 if r["width"] >= r["height"] else 1 for r in records]
     # one buffer instead of a list of dicts: forked workers do not copy it page by page
     t0 = time.perf_counter()
-    dataset = MapDataset(SerializedRecords(records), mapper, seed=seed)
+    dataset = MapDataset(SerializedRecords(records, release=owned), mapper, seed=seed)
+    del records
     logger.info("%d training records held serialized in %.1f MiB (%.1f s)", len(dataset),
                 dataset.records.nbytes / 2**20, time.perf_counter() - t0)
     if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
-        sampler = TrainingSampler(len(records), seed=seed, rank=rank, world_size=world)
+        sampler = TrainingSampler(len(dataset), seed=seed, rank=rank, world_size=world)
         batch_sampler = GroupedBatchSampler(sampler, groups, batch, start_batch=start_iter)
     else:
         sampler = TrainingSampler(
-            len(records), seed=seed, rank=rank, world_size=world, start=start_iter * batch
+            len(dataset), seed=seed, rank=rank, world_size=world, start=start_iter * batch
         )
-        batch_sampler = GroupedBatchSampler(sampler, [0] * len(records), batch)
+        batch_sampler = GroupedBatchSampler(sampler, [0] * len(dataset), batch)
     workers = int(cfg.DATALOADER.NUM_WORKERS)
     return DataLoader(
         dataset,

@@ -71,7 +71,9 @@ def read_coco_json(json_file: str | os.PathLike, *, keep: bool = False) -> dict:
 
     ``keep``: also hold the parsed json (one at a time) for the next read of the same
     unchanged file, which takes it instead of parsing again (the metadata read, then the
-    records built from the same json, as a training start does)."""
+    records built from the same json, as a training start does). ``load_coco_json`` consumes
+    the json it takes: its ``images`` and ``annotations`` entries are dropped as records are
+    built from them, so do not hold on to a kept json for other uses."""
     json_file = os.fspath(json_file)
     key = _identity(json_file)
     if key is not None and key in _KEPT:
@@ -205,8 +207,13 @@ def _load_coco_json(json_file: str | os.PathLike, image_root: str | os.PathLike,
     num_keypoints = {_as_int(c["id"]): len(c["keypoints"]) for c in data.get("categories", [])
                      if isinstance(c.get("keypoints"), list) and c["keypoints"]}
 
+    # The json is this load's own (parsed here, or handed over by a ``keep`` read): each
+    # entry is dropped once its record is built, so the records reuse the memory of the json
+    # objects instead of adding to it (a COCO-sized json is over a GiB of Python objects).
+    images, anns = data.pop("images"), data.pop("annotations", [])
     records: dict[int, dict] = {}
-    for k, img in enumerate(data["images"]):
+    for k in range(len(images)):
+        img, images[k] = images[k], None
         where = f"{json_file}: images[{k}]"
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
             raise CocoFormatError(f"{where} is not an object with 'id' and 'file_name': "
@@ -227,7 +234,8 @@ def _load_coco_json(json_file: str | os.PathLike, image_root: str | os.PathLike,
 
     stats: Counter[str] = Counter()
     examples: dict[str, list] = {}
-    for k, ann in enumerate(data.get("annotations", [])):
+    for k in range(len(anns)):
+        ann, anns[k] = anns[k], None
         if not isinstance(ann, dict):
             raise CocoFormatError(f"{json_file}: annotations[{k}] is a {type(ann).__name__}, "
                                   "not an object")

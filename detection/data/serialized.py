@@ -190,14 +190,20 @@ class SerializedRecords(Sequence):
     """An immutable sequence of records (any picklable dicts) stored pickled in one buffer,
     their annotations' numbers in two arrays (see the module doc)."""
 
-    def __init__(self, records: Iterable[dict]) -> None:
+    def __init__(self, records: Iterable[dict], *, release: bool = False) -> None:
+        """``release``: ``records`` is a list the caller gives up; its entries are set to
+        None as they are packed, so that the dicts (when nothing else holds them) are freed
+        while the buffer grows instead of both being held at once."""
+        if release and not isinstance(records, list):
+            raise TypeError("release=True needs the records as a list")
         with gc_paused():
-            self._build(records if isinstance(records, list) else list(records))
+            self._build(records if isinstance(records, list) else list(records), release)
 
-    def _build(self, records: list) -> None:
+    def _build(self, records: list, release: bool) -> None:
         self._folder = _common_folder([r.get("file_name") for r in records])
         cut = len(self._folder)
-        blobs = []
+        buffer = bytearray()  # grown in place (a copy of the whole, joined, would double it)
+        offsets = np.empty(len(records), dtype=np.int64)  # where each record's pickle ends
         self._boxes, self._numbers = _Numbers(), _Numbers()
         for first in range(0, len(records), _CHUNK):
             chunk = records[first:first + _CHUNK]
@@ -213,15 +219,19 @@ class SerializedRecords(Sequence):
                     break  # else ints or other values: list by list
             self._boxes.add(boxes, box_ends)
             self._numbers.add(numbers, ends)
-            for r in taken:
+            for i, r in enumerate(taken, first):
                 if cut:
                     r = dict(r, file_name=r["file_name"][cut:])
-                blobs.append(pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL))
+                buffer += pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL)
+                offsets[i] = len(buffer)
+            if release:
+                records[first:first + len(chunk)] = [None] * len(chunk)
+            del chunk, taken
         self._boxes.close()
         self._numbers.close()
-        self._ends = np.cumsum(np.fromiter((len(b) for b in blobs), dtype=np.int64,
-                                           count=len(blobs)))
-        self._buffer = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        self._ends = offsets
+        self._buffer = np.frombuffer(buffer, dtype=np.uint8)
+        self._buffer.flags.writeable = False
 
     def __len__(self) -> int:
         return len(self._ends)

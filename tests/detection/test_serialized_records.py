@@ -72,6 +72,20 @@ def test_numbers_come_back_exactly_whatever_their_form():
         SerializedRecords([{"\0numbers": 1}])
 
 
+def test_released_records_are_dropped_from_the_list_as_they_are_packed():
+    """release=True empties the caller's list (the dicts can be freed while the buffer grows)
+    and the records still come back equal; it needs a list."""
+    want = records(5000, seed=1)  # over two chunks
+    given = [dict(r) for r in want]
+    got = SerializedRecords(given, release=True)
+    assert given == [None] * 5000
+    assert [got[i] for i in range(0, 5000, 7)] == want[::7]
+    assert got[4999] == want[4999]
+    with pytest.raises(TypeError, match="as a list"):
+        SerializedRecords(iter(want), release=True)
+    assert len(SerializedRecords([], release=True)) == 0
+
+
 def test_coco_numbers_are_held_compactly():
     """Boxes and two-decimal polygons: the buffer holds each polygon number in 4 bytes and
     one shared folder, well under half of the records pickled one by one."""
