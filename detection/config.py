@@ -347,13 +347,26 @@ def resolve_config_path(name: str | os.PathLike) -> Path:
 def load_config(name: str | os.PathLike | None = None, opts: Iterable[str] = (), *,
                 cfg: CfgNode | None = None) -> CfgNode:
     """Defaults (``cfg``, else detection's ``get_cfg()``), then the YAML file ``name``
-    (resolved), then ``KEY VALUE`` overrides. Returns the merged config."""
+    (resolved), then ``KEY VALUE`` overrides. Returns the merged config.
+
+    A key given in ``opts`` is dropped from ``SOLVER.AMP.FALLBACK_OPTS`` (the recipe merged
+    later where mixed precision cannot run): the command line wins over the file's recipe."""
     cfg = get_cfg() if cfg is None else cfg
     if name is not None:
         cfg.merge_from_file(str(resolve_config_path(name)))
     opts = list(opts)
     if opts:
         cfg.merge_from_list(opts)
+        fallback = list(cfg.SOLVER.AMP.get("FALLBACK_OPTS", [])) if "SOLVER" in cfg else []
+        given = set(opts[::2]) - {"SOLVER.AMP.FALLBACK_OPTS"}
+        if fallback and len(fallback) % 2 == 0 and given & set(fallback[::2]):
+            kept = [x for k, v in zip(fallback[::2], fallback[1::2]) if k not in given
+                    for x in (k, v)]
+            frozen = cfg.is_frozen()
+            cfg.defrost()
+            cfg.SOLVER.AMP.FALLBACK_OPTS = kept
+            if frozen:
+                cfg.freeze()
     if cfg.get("CUSTOM_IMPORTS"):
         from detection.custom_imports import import_modules
 

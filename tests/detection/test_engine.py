@@ -212,10 +212,37 @@ def test_amp_fallback_recipe_applies_only_where_autocast_cannot_run(caplog):
         assert cfg.SOLVER.MAX_ITER == 300 and tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (144, 160)
         assert list(cfg.SOLVER.AMP.FALLBACK_OPTS) == [] and not apply_amp_fallback(cfg)
         assert "SOLVER.MAX_ITER=300" in caplog.text and "AMD EPYC" in caplog.text
+        # a key given on the command line wins over the fallback recipe's
+        cfg = load_config("faster_rcnn_r18_fpn_shapes.yaml", opts + ["SOLVER.MAX_ITER", "7"])
+        assert apply_amp_fallback(cfg)
+        assert cfg.SOLVER.MAX_ITER == 7 and tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (144, 160)
         bad = load_config("faster_rcnn_r18_fpn_shapes.yaml",
                           opts[:3] + ["['SOLVER.MAX_ITER']"])
         with pytest.raises(ValueError, match="KEY VALUE pairs"):
             apply_amp_fallback(bad)
+
+
+def test_shipped_fallback_recipes_are_shorter_float32_schedules():
+    """Every shipped config with SOLVER.AMP.FALLBACK_OPTS merges them on an AVX2 CPU (valid
+    keys and values) into a shorter schedule, with its warm-up and checkpoints inside it."""
+    from detection.engine.train_net import apply_amp_fallback
+    from segmentation.config import load_config as load_any_config
+
+    data = Path(__file__).resolve().parents[1] / "backbones" / "data"
+    avx2 = parse_cpuinfo((data / "cpuinfo_amd_epyc_zen3_avx2.txt").read_text())
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    found = []
+    for path in sorted(configs.rglob("*.yaml")):
+        if "FALLBACK_OPTS" not in path.read_text():
+            continue
+        cfg = load_any_config(path)
+        before = cfg.SOLVER.MAX_ITER
+        with simulate_cpu(avx2):
+            assert apply_amp_fallback(cfg), path.name
+        assert cfg.SOLVER.WARMUP_ITERS < cfg.SOLVER.MAX_ITER < before, path.name
+        assert cfg.SOLVER.CHECKPOINT_PERIOD <= cfg.SOLVER.MAX_ITER, path.name
+        found.append(path.name)
+    assert {"cascade_rcnn_r18_fpn_shapes.yaml", "fcos_r18_fpn_shapes.yaml"} <= set(found)
 
 
 @pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
