@@ -21,6 +21,8 @@ class Agreement:
     max_box_diff: float
     max_score_diff: float
     max_mask_diff: float
+    max_keypoint_diff: float = -1.0  # keypoints' x, y and score columns; -1: no keypoints
+    max_keypoint_score_diff: float = -1.0  # ``keypoints_scores`` (the heatmap logits)
 
     @property
     def fraction(self) -> float:
@@ -32,6 +34,9 @@ class Agreement:
                 f"max |score diff| {self.max_score_diff:.2e}")
         if self.max_mask_diff >= 0:
             text += f", max |mask diff| {self.max_mask_diff:.2e}"
+        if self.max_keypoint_diff >= 0:
+            text += (f", max |keypoint diff| {self.max_keypoint_diff:.2e} px, max |keypoint "
+                     f"score diff| {self.max_keypoint_score_diff:.2e}")
         return text
 
 
@@ -64,9 +69,17 @@ def compare_detections(reference: Dict[str, Tensor], candidate: Dict[str, Tensor
     if "masks" in reference and "masks" in candidate and pairs.numel():
         mask_diff = float((reference["masks"][keep][pairs].float()
                            - candidate["masks"][best[pairs]].float()).abs().max())
+    keypoint_diff = keypoint_score_diff = -1.0
+    if "keypoints" in reference and "keypoints" in candidate and pairs.numel():
+        keypoint_diff = float((reference["keypoints"][keep][pairs].float()
+                               - candidate["keypoints"][best[pairs]].float()).abs().max())
+        keypoint_score_diff = float((reference["keypoints_scores"][keep][pairs].float()
+                                     - candidate["keypoints_scores"][best[pairs]].float()
+                                     ).abs().max())
     return Agreement(
         reference=n, candidate=cb.shape[0], matched=int(ok.sum()),
         max_box_diff=float(box_diff.max()) if pairs.numel() else 0.0,
         max_score_diff=float(score_diff[pairs].max()) if pairs.numel() else 0.0,
-        max_mask_diff=mask_diff,
+        max_mask_diff=mask_diff, max_keypoint_diff=keypoint_diff,
+        max_keypoint_score_diff=keypoint_score_diff,
     )

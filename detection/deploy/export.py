@@ -246,7 +246,9 @@ def check_export(model: nn.Module, output_dir: Path, *,
                           "fraction": agreement.fraction, "reference": agreement.reference,
                           "max_box_diff": agreement.max_box_diff,
                           "max_score_diff": agreement.max_score_diff,
-                          "max_mask_diff": agreement.max_mask_diff})
+                          "max_mask_diff": agreement.max_mask_diff,
+                          "max_keypoint_diff": agreement.max_keypoint_diff,
+                          "max_keypoint_score_diff": agreement.max_keypoint_score_diff})
     check = {"runtime": deployed.runtime, "images": per_image,
              "fraction": min(r["fraction"] for r in per_image)}
     info = ExportInfo.load(output_dir)

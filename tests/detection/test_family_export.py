@@ -112,12 +112,12 @@ def exported(request, tmp_path_factory):
         runtimes["openvino-split"] = load_exported(root, "openvino", split=True)
     with torch.no_grad():
         expected = {(h, w): model([sample_image(h, w, seed=h)])[0] for h, w in SIZES}
-    return family, expected, runtimes
+    return family, expected, runtimes, model, root
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino", "openvino-split"])
 def test_runtime_parity(exported, runtime):
-    family, expected_per_size, runtimes = exported
+    family, expected_per_size, runtimes, _, _ = exported
     if runtime not in runtimes:
         pytest.skip(f"{family} is exported without split graphs")
     deployed = runtimes[runtime]
@@ -137,6 +137,44 @@ def test_runtime_parity(exported, runtime):
             assert diffs["keypoint"] < 1e-2 and diffs["keypoint_score"] < 1e-3, where
         worst = {k: max(v, worst.get(k, 0.0)) for k, v in diffs.items()}
     print(f"\n{family} {runtime}: max differences {worst}")
+
+
+def test_check_export_measures_keypoints(exported):
+    """The exporter's check (stored in export.json) compares the keypoints and their scores
+    of the matched detections as well, where the model has them."""
+    from detection.deploy.export import check_export
+
+    family, _, _, model, root = exported
+    if family != "keypoint":
+        pytest.skip("keypoints only")
+    check = check_export(model, root, sizes=((240, 320),))
+    image = check["images"][0]
+    assert check["fraction"] > 0.99, check
+    assert 0.0 <= image["max_keypoint_diff"] < 1e-2, image
+    assert 0.0 <= image["max_keypoint_score_diff"] < 1e-3, image
+    assert "keypoint diff" in image["agreement"]
+
+
+def test_keypoint_agreement_counts_the_keypoints():
+    """compare_detections: keypoints moved by 0.25 px and scores by 0.5 in the candidate are
+    reported as such over the matched pairs; -1 where either side has none."""
+    from detection.deploy.agreement import compare_detections
+
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([[10.0, 10.0, 50.0, 60.0], [30.0, 5.0, 90.0, 40.0]])
+    reference = {"boxes": boxes, "scores": torch.tensor([0.9, 0.8]),
+                 "labels": torch.tensor([1, 2]),
+                 "keypoints": torch.rand(2, 5, 3, generator=g) * 40,
+                 "keypoints_scores": torch.rand(2, 5, generator=g)}
+    flipped = {k: v.flip(0) for k, v in reference.items()}  # another order
+    candidate = dict(flipped, keypoints=flipped["keypoints"] + torch.tensor([0.25, 0.0, 0.0]),
+                     keypoints_scores=flipped["keypoints_scores"] - 0.5)
+    agreement = compare_detections(reference, candidate)
+    assert agreement.matched == 2
+    assert agreement.max_keypoint_diff == pytest.approx(0.25, abs=1e-5)
+    assert agreement.max_keypoint_score_diff == pytest.approx(0.5, abs=1e-5)
+    plain = compare_detections(reference, {k: flipped[k] for k in ("boxes", "scores", "labels")})
+    assert plain.max_keypoint_diff == -1.0 and "keypoint" not in str(plain)
 
 
 def test_keypoint_export_without_detections(tmp_path):
