@@ -104,8 +104,11 @@ def _patch_eval(iteration: int) -> None:
 def install(spec: str) -> None:
     kind, _, rest = spec.partition(":")
     iteration, _, rank = rest.partition(":")
-    if rank and rank != os.environ.get("RANK", "0"):
-        return
+    if rank:
+        from detection.engine.distributed import launch_info
+
+        if int(rank) != launch_info().rank:  # torchrun's RANK or SLURM's SLURM_PROCID
+            return
     n = int(iteration)
     if kind == "kill-step":
         _patch_step(n, _die)
