@@ -12,7 +12,8 @@ EXIF-rotated images are converted by :func:`~detection.data.image_io.read_image`
 
 :func:`cached_check` saves a report under ``$DETKIT_CACHE/data_checks`` (default
 ``~/.cache/detkit/data_checks``) and reuses it while the json files, the folders holding the
-images and the files found unusable are unchanged (see its doc).
+images and the files found unusable are unchanged (see its doc); saving one deletes the saved
+reports of datasets whose json files no longer exist.
 """
 
 from __future__ import annotations
@@ -343,6 +344,28 @@ def _save(path: Path, key: dict, state: dict, report: DataReport, records: list[
         logger.warning("data check: could not save the result to %s (%s)", path, e)
         return
     logger.info("data check: result saved to %s", path)
+    _prune(path.parent, path)
+
+
+def _prune(cache_dir: Path, saved: Path) -> None:
+    """Delete the saved reports (other than ``saved``) whose json files no longer exist: their
+    data is gone (a deleted set, a temporary folder), so they can never be reused, and the
+    folder would otherwise only grow. Unreadable files are left alone."""
+    removed = 0
+    for other in cache_dir.glob("*.json"):
+        if other == saved:
+            continue
+        try:
+            with open(other, encoding="utf-8") as f:
+                sources = json.load(f)["key"]["sources"]
+            if sources and not any(os.path.exists(j) for j, _ in sources):
+                other.unlink()
+                removed += 1
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable, or removed meanwhile by another process
+    if removed:
+        logger.info("data check: removed %d saved result(s) of datasets whose json is gone "
+                    "from %s", removed, cache_dir)
 
 
 def cached_check(

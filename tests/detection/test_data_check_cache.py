@@ -246,3 +246,24 @@ def test_cached_check_equals_check_records(data, tmp_path):
                            progress=False, name="x")
         _same(fresh, got)
         assert got.apply(records) == fresh.apply(records)
+
+
+def test_saving_removes_the_reports_of_datasets_that_are_gone(data, tmp_path, caplog):
+    """A saved report whose json no longer exists can never be reused: the next save deletes
+    it, and keeps the reports of existing data and files it cannot read."""
+    caplog.set_level(logging.INFO)
+    other_json, other_images = _write_set(tmp_path / "other")
+    other = f"{other_json}:{other_images}"
+    _start(data)
+    _start({**data, "name": other})
+    assert len(list(data["cache"].glob("*.json"))) == 2
+    (data["cache"] / "garbage.json").write_text("{not json")
+    other_json.unlink()
+    caplog.clear()
+    _start(data, "DATALOADER.CHECK_DATA", "fast", mode="fast")  # reused: nothing saved
+    assert len(list(data["cache"].glob("*.json"))) == 3
+    records = build.get_dataset_records(data["name"], filter_empty=False)
+    cached_check(records, sources=[(data["json"], data["images"])], reuse=False)
+    left = sorted(p.name for p in data["cache"].glob("*.json"))
+    assert len(left) == 2 and "garbage.json" in left, left
+    assert "removed 1 saved result(s)" in caplog.text
