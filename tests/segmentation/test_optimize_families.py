@@ -40,6 +40,11 @@ FAMILIES = {
                   "32", "MODEL.PANOPTIC_FPN.COMBINE.ENABLED", "False"]),
     "semantic": ("semantic_fpn_r18_shapes.yaml",
                  ["MODEL.FPN.OUT_CHANNELS", "32", "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32"]),
+    "cascade": ("faster_rcnn_r18_fpn_shapes.yaml",
+                [*RCNN, "MODEL.ROI_HEADS.NAME", "CascadeROIHeads"]),
+    "keypoint": ("faster_rcnn_r18_fpn_shapes.yaml",
+                 [*RCNN, "MODEL.KEYPOINT_ON", "True", "MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS",
+                  "(16, 16)", "MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS", "5"]),
 }
 
 
@@ -81,6 +86,11 @@ def _assert_same_detections(want, got):
     if "masks" in want:
         torch.testing.assert_close(got["masks"][best.indices], want["masks"][top], atol=1e-3,
                                    rtol=0)
+    if "keypoints" in want:
+        torch.testing.assert_close(got["keypoints_scores"][best.indices],
+                                   want["keypoints_scores"][top], atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(got["keypoints"][best.indices], want["keypoints"][top],
+                                   atol=1e-2, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -111,6 +121,8 @@ BF16_PARTS = {
     "mask": ["backbone", "roi_heads.mask_head.convs", "roi_heads.mask_head.deconv"],
     "panoptic": ["backbone", "roi_heads.mask_head.convs", "roi_heads.mask_head.deconv"],
     "semantic": ["backbone"],
+    "cascade": ["backbone"],
+    "keypoint": ["backbone"],  # the keypoint head in float32, as the box head
 }
 
 
