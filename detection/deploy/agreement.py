@@ -21,7 +21,7 @@ class Agreement:
     max_box_diff: float
     max_score_diff: float
     max_mask_diff: float
-    max_keypoint_diff: float = -1.0  # keypoints' x, y and score columns; -1: no keypoints
+    max_keypoint_diff: float = -1.0  # ``keypoints`` (x, y and the visibility column); -1: none
     max_keypoint_score_diff: float = -1.0  # ``keypoints_scores`` (the heatmap logits)
 
     @property
