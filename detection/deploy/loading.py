@@ -72,10 +72,15 @@ def load_for_evaluation(cfg: Any) -> Any:
     ``TEST.PRECISION``. For torch and fp32 that is the plain eager model, the one training
     evaluates; with ``TEST.AUG.ENABLED`` it is wrapped for test-time augmentation
     (``detection.modeling.tta``)."""
-    from detection.engine.loading import build_model_from_cfg, load_weights
+    from detection.engine.loading import (
+        apply_checkpoint_fallback,
+        build_model_from_cfg,
+        load_weights,
+    )
     from detection.modeling.predictor import load_model
     from detection.modeling.tta import build_tta_model
 
+    apply_checkpoint_fallback(cfg, cfg.MODEL.WEIGHTS)
     runtime, precision = cfg.TEST.RUNTIME, cfg.TEST.PRECISION
     retain_memory_for_inference(cfg)
     if runtime == "torch" and precision == "fp32":

@@ -11,6 +11,7 @@ from torch import nn
 from detection.families import get_family
 
 __all__ = [
+    "apply_checkpoint_fallback",
     "attach_dataset_metadata",
     "attach_evaluation_metadata",
     "build_model_from_cfg",
@@ -68,6 +69,40 @@ def _stored_config(weights: str) -> Optional[Any]:
     if not isinstance(state, dict) or not state.get("config"):
         return None
     return FvCfgNode.load_cfg(state["config"])
+
+
+def apply_checkpoint_fallback(cfg: Any, weights: str) -> bool:
+    """Merge ``cfg``'s ``SOLVER.AMP.FALLBACK_OPTS`` (its float32 recipe, which may change the
+    model, e.g. the FPN's width) into ``cfg`` when ``weights`` is one of our checkpoints that
+    was trained with them (its stored config holds their values), so that the model is built
+    as it was trained on whichever CPU evaluates or runs it. True when merged (logged)."""
+    opts = list(_get(cfg, "SOLVER.AMP.FALLBACK_OPTS") or [])
+    if not opts or len(opts) % 2:
+        return False
+    stored = _stored_config(weights)
+    if stored is None:
+        return False
+    probe = cfg.clone()
+    probe.defrost()
+    probe.merge_from_list(opts)
+    if any(_plain(_get(stored, k)) != _plain(_get(probe, k)) for k in opts[::2]):
+        return False
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    cfg.SOLVER.AMP.FALLBACK_OPTS = []
+    cfg.merge_from_list(opts)
+    if frozen:
+        cfg.freeze()
+    logger.info("%s was trained with the config's float32 recipe: SOLVER.AMP.FALLBACK_OPTS %s",
+                weights, " ".join(f"{k}={v}" for k, v in zip(opts[::2], opts[1::2])))
+    return True
+
+
+def _plain(value: Any) -> Any:
+    """Lists and tuples alike (a YAML round trip turns one into the other)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    return value
 
 
 def attach_evaluation_metadata(cfg: Any) -> str:
@@ -163,5 +198,7 @@ def inference_config(config: Optional[str], weights: str, *, cfg: Optional[Any] 
     if config is not None:
         from detection.config import load_config
 
-        return load_config(config, cfg=cfg)
+        cfg = load_config(config, cfg=cfg)
+        apply_checkpoint_fallback(cfg, weights)
+        return cfg
     return config_from_checkpoint(weights, cfg=cfg)

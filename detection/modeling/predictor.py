@@ -96,6 +96,10 @@ def load_model(config: Union[str, os.PathLike, CfgNode], weights: Optional[str] 
         config = entry.config_path
     cfg = get_model_cfg(config)
     weights = weights or cfg.MODEL.WEIGHTS
+    if weights:  # a checkpoint trained with the config's float32 recipe is built as trained
+        from detection.engine.loading import apply_checkpoint_fallback
+
+        apply_checkpoint_fallback(cfg, weights)
     cfg.MODEL.BACKBONE.WEIGHTS = ""  # the detector checkpoint holds the backbone too
     cfg.MODEL.DEVICE = device
     from detection.families import get_family  # the model family table (builder, loader)

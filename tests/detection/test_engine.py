@@ -222,9 +222,10 @@ def test_amp_fallback_recipe_applies_only_where_autocast_cannot_run(caplog):
             apply_amp_fallback(bad)
 
 
-def test_shipped_fallback_recipes_are_shorter_float32_schedules():
+def test_shipped_fallback_recipes_are_lighter_float32_runs():
     """Every shipped config with SOLVER.AMP.FALLBACK_OPTS merges them on an AVX2 CPU (valid
-    keys and values) into a shorter schedule, with its warm-up and checkpoints inside it."""
+    keys and values) into a lighter run: a shorter schedule, with its warm-up and checkpoints
+    inside it, or a narrower FPN and smaller training images."""
     from detection.engine.train_net import apply_amp_fallback
     from segmentation.config import load_config as load_any_config
 
@@ -236,13 +237,56 @@ def test_shipped_fallback_recipes_are_shorter_float32_schedules():
         if "FALLBACK_OPTS" not in path.read_text():
             continue
         cfg = load_any_config(path)
-        before = cfg.SOLVER.MAX_ITER
+        before = cfg.clone()
         with simulate_cpu(avx2):
             assert apply_amp_fallback(cfg), path.name
-        assert cfg.SOLVER.WARMUP_ITERS < cfg.SOLVER.MAX_ITER < before, path.name
+        assert cfg.SOLVER.WARMUP_ITERS < cfg.SOLVER.MAX_ITER <= before.SOLVER.MAX_ITER
         assert cfg.SOLVER.CHECKPOINT_PERIOD <= cfg.SOLVER.MAX_ITER, path.name
+        lighter = (cfg.MODEL.FPN.OUT_CHANNELS < before.MODEL.FPN.OUT_CHANNELS
+                   and max(cfg.INPUT.MIN_SIZE_TRAIN) < max(before.INPUT.MIN_SIZE_TRAIN))
+        assert cfg.SOLVER.MAX_ITER < before.SOLVER.MAX_ITER or lighter, path.name
         found.append(path.name)
-    assert {"cascade_rcnn_r18_fpn_shapes.yaml", "fcos_r18_fpn_shapes.yaml"} <= set(found)
+    assert {"cascade_rcnn_r18_fpn_shapes.yaml", "fcos_r18_fpn_shapes.yaml",
+            "faster_rcnn_r18_fpn_shapes.yaml"} <= set(found)
+
+
+def test_a_checkpoint_of_the_float32_recipe_loads_under_its_config(tmp_path, caplog):
+    """A checkpoint trained with the config's SOLVER.AMP.FALLBACK_OPTS (a 64-wide FPN for the
+    shapes default) is built as it was trained when its config is given again, on any CPU:
+    --eval-only, the inference tools and load_model all merge the recipe (logged); a
+    checkpoint trained without it keeps the config's own model."""
+    from detection.config import resolve_config_path
+    from detection.deploy.loading import load_for_evaluation
+    from detection.engine.loading import apply_checkpoint_fallback, inference_config
+    from detection.modeling.predictor import load_model
+
+    name = "faster_rcnn_r18_fpn_shapes.yaml"
+    weights = {}
+    for recipe in ("float32", "bf16"):
+        cfg = load_config(name)
+        if recipe == "float32":
+            cfg.defrost()
+            cfg.merge_from_list(list(cfg.SOLVER.AMP.FALLBACK_OPTS))
+            cfg.SOLVER.AMP.FALLBACK_OPTS = []
+        torch.manual_seed(0)
+        model = build_model_from_cfg(cfg)
+        weights[recipe] = str(tmp_path / f"{recipe}.pth")
+        torch.save({"model": model.state_dict(), "config": cfg.dump()}, weights[recipe])
+    for recipe, width in (("float32", 64), ("bf16", 128)):
+        with caplog.at_level("INFO", logger="detection.train"):
+            cfg = inference_config(name, weights[recipe])
+        assert cfg.MODEL.FPN.OUT_CHANNELS == width
+        assert ("float32 recipe" in caplog.text) == (recipe == "float32")
+        caplog.clear()
+        model = load_model(resolve_config_path(name), weights[recipe])
+        assert model.backbone.output_shape()["p2"].channels == width
+        cfg = load_config(name, ["MODEL.WEIGHTS", weights[recipe], "DATASETS.TEST", "()"])
+        model = load_for_evaluation(cfg)
+        assert cfg.MODEL.FPN.OUT_CHANNELS == width
+        assert next(model.parameters()).shape  # built and loaded
+    plain = load_config(name)
+    assert not apply_checkpoint_fallback(plain, str(tmp_path / "missing.pth"))
+    assert plain.MODEL.FPN.OUT_CHANNELS == 128
 
 
 @pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
