@@ -109,6 +109,8 @@ def quantize_export(directory: Union[str, Path], images: Iterable[torch.Tensor],
     backbone = core.read_model(str(directory / info.parts["backbone"]))
     ignored = nncf.IgnoredScope(patterns=list(keep_float), validate=False)
     if validation_images is None:
+        for key in ("int8_validation_images", "int8_detections_kept"):  # of an earlier run
+            info.parts.pop(key, None)
         quantized = nncf.quantize(backbone, nncf.Dataset(batches), subset_size=len(batches),
                                   fast_bias_correction=False, ignored_scope=ignored)
     else:

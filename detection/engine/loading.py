@@ -18,6 +18,7 @@ __all__ = [
     "config_from_checkpoint",
     "inference_config",
     "load_weights",
+    "merge_fallback_opts",
 ]
 
 logger = logging.getLogger("detection.train")
@@ -71,6 +72,18 @@ def _stored_config(weights: str) -> Optional[Any]:
     return FvCfgNode.load_cfg(state["config"])
 
 
+def merge_fallback_opts(cfg: Any) -> None:
+    """Merge ``SOLVER.AMP.FALLBACK_OPTS`` into ``cfg`` once (emptied, so that the saved config
+    is the one that ran), keeping ``cfg`` frozen if it was."""
+    opts = list(cfg.SOLVER.AMP.FALLBACK_OPTS)
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    cfg.SOLVER.AMP.FALLBACK_OPTS = []
+    cfg.merge_from_list(opts)
+    if frozen:
+        cfg.freeze()
+
+
 def apply_checkpoint_fallback(cfg: Any, weights: str) -> bool:
     """Merge ``cfg``'s ``SOLVER.AMP.FALLBACK_OPTS`` (its float32 recipe, which may change the
     model, e.g. the FPN's width) into ``cfg`` when ``weights`` is one of our checkpoints that
@@ -87,12 +100,7 @@ def apply_checkpoint_fallback(cfg: Any, weights: str) -> bool:
     probe.merge_from_list(opts)
     if any(_plain(_get(stored, k)) != _plain(_get(probe, k)) for k in opts[::2]):
         return False
-    frozen = cfg.is_frozen()
-    cfg.defrost()
-    cfg.SOLVER.AMP.FALLBACK_OPTS = []
-    cfg.merge_from_list(opts)
-    if frozen:
-        cfg.freeze()
+    merge_fallback_opts(cfg)
     logger.info("%s was trained with the config's float32 recipe: SOLVER.AMP.FALLBACK_OPTS %s",
                 weights, " ".join(f"{k}={v}" for k, v in zip(opts[::2], opts[1::2])))
     return True

@@ -20,7 +20,7 @@ from . import distributed as du
 from .checkpoint import Checkpointer
 from .evaluation import evaluate
 from .events import MetricsWriter, plot_curves
-from .loading import attach_dataset_metadata, load_weights
+from .loading import attach_dataset_metadata, load_weights, merge_fallback_opts
 from .run_setup import seed_all
 from .solver import build_lr_scheduler, build_optimizer
 from .trainer import Trainer, amp_dtype, flatten_results
@@ -45,12 +45,7 @@ def apply_amp_fallback(cfg: Any) -> bool:
         return False
     if len(opts) % 2:
         raise ValueError(f"SOLVER.AMP.FALLBACK_OPTS must be KEY VALUE pairs, got {opts}")
-    frozen = cfg.is_frozen()
-    cfg.defrost()
-    cfg.SOLVER.AMP.FALLBACK_OPTS = []  # merged once: the saved config is the one that ran
-    cfg.merge_from_list(opts)
-    if frozen:
-        cfg.freeze()
+    merge_fallback_opts(cfg)
     logger.info("No mixed precision on this machine (%s): the config's float32 recipe "
                 "applies, SOLVER.AMP.FALLBACK_OPTS %s", describe(),
                 " ".join(f"{k}={v}" for k, v in zip(opts[::2], opts[1::2])))
