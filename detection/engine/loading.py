@@ -87,8 +87,12 @@ def merge_fallback_opts(cfg: Any) -> None:
 def apply_checkpoint_fallback(cfg: Any, weights: str) -> bool:
     """Merge ``cfg``'s ``SOLVER.AMP.FALLBACK_OPTS`` (its float32 recipe, which may change the
     model, e.g. the FPN's width) into ``cfg`` when ``weights`` is one of our checkpoints that
-    was trained with them (its stored config holds their values), so that the model is built
-    as it was trained on whichever CPU evaluates or runs it. True when merged (logged)."""
+    was trained with them, so that the model is built as it was trained (and tested at the
+    recipe's sizes) on whichever CPU evaluates or runs it. True when merged (logged).
+
+    The checkpoint's stored config decides: it must hold the recipe's values of every
+    ``MODEL.*`` key the recipe sets (of every key, for a recipe that sets none), so that a
+    training run that also changed, say, ``SOLVER.MAX_ITER`` on its command line still counts."""
     opts = list(_get(cfg, "SOLVER.AMP.FALLBACK_OPTS") or [])
     if not opts or len(opts) % 2:
         return False
@@ -98,7 +102,8 @@ def apply_checkpoint_fallback(cfg: Any, weights: str) -> bool:
     probe = cfg.clone()
     probe.defrost()
     probe.merge_from_list(opts)
-    if any(_plain(_get(stored, k)) != _plain(_get(probe, k)) for k in opts[::2]):
+    keys = [k for k in opts[::2] if k.startswith("MODEL.")] or opts[::2]
+    if any(_plain(_get(stored, k)) != _plain(_get(probe, k)) for k in keys):
         return False
     merge_fallback_opts(cfg)
     logger.info("%s was trained with the config's float32 recipe: SOLVER.AMP.FALLBACK_OPTS %s",

@@ -252,9 +252,10 @@ def test_shipped_fallback_recipes_are_lighter_float32_runs():
 
 def test_a_checkpoint_of_the_float32_recipe_loads_under_its_config(tmp_path, caplog):
     """A checkpoint trained with the config's SOLVER.AMP.FALLBACK_OPTS (a 64-wide FPN for the
-    shapes default) is built as it was trained when its config is given again, on any CPU:
-    --eval-only, the inference tools and load_model all merge the recipe (logged); a
-    checkpoint trained without it keeps the config's own model."""
+    shapes default) is built as it was trained when its config is given again, on any CPU,
+    also when its training run changed a solver key: --eval-only, the inference tools and
+    load_model all merge the recipe (logged); a checkpoint trained without it keeps the
+    config's own model."""
     from detection.config import resolve_config_path
     from detection.deploy.loading import load_for_evaluation
     from detection.engine.loading import apply_checkpoint_fallback, inference_config
@@ -268,14 +269,20 @@ def test_a_checkpoint_of_the_float32_recipe_loads_under_its_config(tmp_path, cap
             cfg.defrost()
             cfg.merge_from_list(list(cfg.SOLVER.AMP.FALLBACK_OPTS))
             cfg.SOLVER.AMP.FALLBACK_OPTS = []
+            cfg.SOLVER.MAX_ITER = 300  # also given on the training command line
         torch.manual_seed(0)
         model = build_model_from_cfg(cfg)
         weights[recipe] = str(tmp_path / f"{recipe}.pth")
         torch.save({"model": model.state_dict(), "config": cfg.dump()}, weights[recipe])
+    plain = load_config(name)
     for recipe, width in (("float32", 64), ("bf16", 128)):
         with caplog.at_level("INFO", logger="detection.train"):
             cfg = inference_config(name, weights[recipe])
         assert cfg.MODEL.FPN.OUT_CHANNELS == width
+        # the recipe's test size and RPN levels come with it
+        lighter = recipe == "float32"
+        assert (cfg.INPUT.MIN_SIZE_TEST < plain.INPUT.MIN_SIZE_TEST) == lighter
+        assert (len(cfg.MODEL.RPN.IN_FEATURES) < len(plain.MODEL.RPN.IN_FEATURES)) == lighter
         assert ("float32 recipe" in caplog.text) == (recipe == "float32")
         caplog.clear()
         model = load_model(resolve_config_path(name), weights[recipe])
@@ -284,7 +291,6 @@ def test_a_checkpoint_of_the_float32_recipe_loads_under_its_config(tmp_path, cap
         model = load_for_evaluation(cfg)
         assert cfg.MODEL.FPN.OUT_CHANNELS == width
         assert next(model.parameters()).shape  # built and loaded
-    plain = load_config(name)
     assert not apply_checkpoint_fallback(plain, str(tmp_path / "missing.pth"))
     assert plain.MODEL.FPN.OUT_CHANNELS == 128
 
