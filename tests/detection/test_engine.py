@@ -43,6 +43,8 @@ def tiny_opts(tiny_data, out, **extra):
         "INPUT.MIN_SIZE_TRAIN": "(96,)", "INPUT.MAX_SIZE_TRAIN": 128,
         "INPUT.MIN_SIZE_TEST": 96, "INPUT.MAX_SIZE_TEST": 128,
         "MODEL.FPN.OUT_CHANNELS": 32, "MODEL.ROI_BOX_HEAD.FC_DIM": 64,
+        # the same model on every CPU (the float32 recipe has its own RPN levels)
+        "SOLVER.AMP.FALLBACK_OPTS": "[]",
         "OUTPUT_DIR": str(out),
     }
     opts.update(extra)
