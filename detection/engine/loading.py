@@ -92,7 +92,8 @@ def apply_checkpoint_fallback(cfg: Any, weights: str) -> bool:
 
     The checkpoint's stored config decides: it must hold the recipe's values of every
     ``MODEL.*`` key the recipe sets (of every key, for a recipe that sets none), so that a
-    training run that also changed, say, ``SOLVER.MAX_ITER`` on its command line still counts."""
+    training run that also changed, say, ``INPUT.MIN_SIZE_TRAIN`` on its command line still
+    counts."""
     opts = list(_get(cfg, "SOLVER.AMP.FALLBACK_OPTS") or [])
     if not opts or len(opts) % 2:
         return False

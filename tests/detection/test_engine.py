@@ -255,9 +255,9 @@ def test_shipped_fallback_recipes_are_lighter_float32_runs():
 def test_a_checkpoint_of_the_float32_recipe_loads_under_its_config(tmp_path, caplog):
     """A checkpoint trained with the config's SOLVER.AMP.FALLBACK_OPTS (a 64-wide FPN for the
     shapes default) is built as it was trained when its config is given again, on any CPU,
-    also when its training run changed a solver key: --eval-only, the inference tools and
-    load_model all merge the recipe (logged); a checkpoint trained without it keeps the
-    config's own model."""
+    also when its training run changed one of the recipe's training keys: --eval-only, the
+    inference tools and load_model all merge the recipe (logged); a checkpoint trained
+    without it keeps the config's own model."""
     from detection.config import resolve_config_path
     from detection.deploy.loading import load_for_evaluation
     from detection.engine.loading import apply_checkpoint_fallback, inference_config
@@ -271,7 +271,7 @@ def test_a_checkpoint_of_the_float32_recipe_loads_under_its_config(tmp_path, cap
             cfg.defrost()
             cfg.merge_from_list(list(cfg.SOLVER.AMP.FALLBACK_OPTS))
             cfg.SOLVER.AMP.FALLBACK_OPTS = []
-            cfg.SOLVER.MAX_ITER = 300  # also given on the training command line
+            cfg.INPUT.MIN_SIZE_TRAIN = (120,)  # also given on the training command line
         torch.manual_seed(0)
         model = build_model_from_cfg(cfg)
         weights[recipe] = str(tmp_path / f"{recipe}.pth")
