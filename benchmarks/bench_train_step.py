@@ -27,6 +27,7 @@ from common import describe, load_config  # noqa: E402
 
 from detection.data.build import build_train_loader  # noqa: E402
 from detection.engine.loading import attach_dataset_metadata  # noqa: E402
+from detection.engine.run_setup import seed_all  # noqa: E402
 from detection.engine.solver import build_lr_scheduler, build_optimizer  # noqa: E402
 from detection.engine.train_net import _clip_gradients, apply_amp_fallback  # noqa: E402
 from detection.engine.trainer import Trainer  # noqa: E402
@@ -40,7 +41,7 @@ def recipe(name: str, opts: List[str], steps: int) -> Tuple[Trainer, List[Any]]:
     apply_amp_fallback(cfg)
     family = get_family(cfg)
     attach_dataset_metadata(cfg)
-    torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)
+    seed_all(cfg.SEED)  # as training seeds: the same model and batches
     model = family.build(cfg)
     optimizer = build_optimizer(cfg, model)
     loader = build_train_loader(cfg, mapper=family.build_mapper(cfg, True))
